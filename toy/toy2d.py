@@ -1,0 +1,454 @@
+"""2D toy for SPLAM: every SPLAD objective on a Gaussian mixture whose PF-ODE is known exactly.
+
+    python toy/toy2d.py            # default: one seed, ~2 minutes on 2 CPU cores
+    python toy/toy2d.py --full     # 3 seeds, longer training, mean +- std
+
+Data: 8 Gaussian modes on a circle; class 0 owns the even modes, class 1 the odd ones,
+and the null class (label 2) is the whole mixture, so classifier-free guidance (w = 3)
+is exercised as in Stable Diffusion. Under the VP forward process each class stays a
+Gaussian mixture, so the teacher's eps (and so its PF-ODE) is closed form.
+
+A small MLP is first trained as an ordinary eps-prediction diffusion model (the
+"pre-trained checkpoint"), then distilled from the exact teacher with LCM, SPLAM and the
+DL-ODE ablation at k = 20, and with LCM / SPLAM at k = 100 with and without multiple
+estimation (Fig. 2a). Every method gets the same seeds and iteration budget.
+Outputs in toy/out/: toy2d.json (every number), toy2d.png (samples, delta(t), curves).
+All the method code is `minisplam`; this file only defines the toy problem and metrics.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import minisplam as ms
+
+OUT = Path(__file__).resolve().parent / "out"
+NULL = 2  # label of the unconditional (null) class
+
+# ----------------------------------------------------------------------------------------
+# The data and its exact teacher
+# ----------------------------------------------------------------------------------------
+
+
+class GMM:
+    """8 isotropic modes of std `std` on a circle of radius `radius`; classes own alternate modes."""
+
+    def __init__(self, n_modes: int = 8, radius: float = 1.0, std: float = 0.1):
+        ang = 2 * math.pi * torch.arange(n_modes) / n_modes
+        self.mu = radius * torch.stack([ang.cos(), ang.sin()], 1)          # (M, 2)
+        self.std = std
+        owner = torch.arange(n_modes) % 2
+        # mask[c, m]: mode m belongs to class c; the null class owns all modes.
+        self.mask = torch.stack([owner == 0, owner == 1, torch.ones(n_modes, dtype=torch.bool)])
+
+    def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        """Draw x0 for the given labels (0, 1 or NULL)."""
+        probs = self.mask[labels].float()
+        modes = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return self.mu[modes] + self.std * torch.randn(len(labels), 2, generator=generator)
+
+    def eps(self, x, alpha, sigma, labels):
+        """Exact eps(x_t) = -sigma * score of the noised class mixture (alpha, sigma: (B, 1))."""
+        mu = self.mu.to(x.dtype)
+        var = alpha**2 * self.std**2 + sigma**2                          # (B, 1)
+        d2 = ((x[:, None, :] - alpha[:, :, None] * mu[None]) ** 2).sum(-1)   # (B, M)
+        logits = (-d2 / (2 * var)).masked_fill(~self.mask[labels], -float("inf"))
+        resp = torch.softmax(logits, dim=1)
+        mean = alpha * (resp @ mu)                                        # E[alpha x0 | x_t]
+        return sigma * (x - mean) / var
+
+
+def exact_teacher(gmm: GMM, sched: ms.VPSchedule):
+    """The teacher callable teacher(x, t, cond) -> eps of minisplam, in closed form."""
+
+    def teacher(x, t, labels):
+        alpha, sigma = ms.alpha_sigma(sched, t, x)
+        return gmm.eps(x, alpha, sigma, labels)
+
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------
+# The student network: an MLP with timestep, class and gamma embeddings
+# ----------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """eps_theta(x, t, c, gamma) for 2D points; the gamma path adds to the time embedding."""
+
+    def __init__(self, hidden: int = 128, blocks: int = 3, n_classes: int = 3):
+        super().__init__()
+        self.t_dim = 64
+        self.t_mlp = nn.Sequential(nn.Linear(self.t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.c_emb = nn.Embedding(n_classes, hidden)
+        self.gamma_emb = ms.GammaEmbedding(hidden)
+        self.inp = nn.Linear(2, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)]) for _ in range(blocks))
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x, t, labels, gamma=None):
+        e = self.t_mlp(ms.fourier_features(t.float(), self.t_dim)) + self.c_emb(labels)
+        if gamma is not None:
+            e = e + self.gamma_emb(gamma)
+        h = self.inp(x)
+        for lin1, lin2 in self.blocks:
+            h = h + lin2(torch.nn.functional.silu(lin1(torch.nn.functional.silu(h)) + e))
+        return self.out(torch.nn.functional.silu(h))
+
+
+def pretrain(gmm: GMM, sched: ms.VPSchedule, iters: int, seed: int, batch: int = 512, lr: float = 2e-3):
+    """Ordinary eps-prediction diffusion training with 10% label dropout (the 'checkpoint')."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = MLP()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
+    for _ in range(iters):
+        labels = torch.randint(0, 2, (batch,), generator=g)
+        x0 = gmm.sample(labels, g)
+        labels = torch.where(torch.rand(batch, generator=g) < 0.1, NULL, labels)
+        t = torch.randint(0, sched.T, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        alpha, sigma = ms.alpha_sigma(sched, t, x0)
+        loss = ((net(alpha * x0 + sigma * noise, t, labels) - noise) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_sched.step()
+    return net
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 between two equal-size point clouds (fixed random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randn(a.shape[1], n_proj, generator=g)
+    d = d / d.norm(dim=0, keepdim=True)
+    pa, pb = (a @ d).sort(0).values, (b @ d).sort(0).values
+    return ((pa - pb) ** 2).mean().sqrt().item()
+
+
+def class_sw2(x, ref, labels) -> float:
+    """SW2 per class (x and ref share `labels`), averaged over the two classes."""
+    return sum(sliced_w2(x[labels == c], ref[labels == c]) for c in (0, 1)) / 2
+
+
+def student_eps(net):
+    """The sampler's model: the student at gamma = 1 (= no gamma path at all)."""
+    return lambda x, t, c: net(x, t, c, torch.ones(x.shape[0]))
+
+
+def few_step(net, x_T, labels, sched, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return ms.sample(student_eps(net), x_T, labels, sched, ms.lcm_timesteps(steps, sched.T), g)
+
+
+def consistency_error(net, gmm, teacher, sched, w, n: int = 1000, seed: int = 0, k: int = 20):
+    """delta(t) of Fig. 2c: E|F(x_t, t) - F(x_{t-k}, t-k)| for t on the grid, t >= 100.
+
+    Two ways to form the adjacent point: 'ode' solves the exact guided teacher ODE from
+    x_t to t-k (k steps of size 1); 'same_noise' is the paper's simulation (same x0 and eps
+    noised to both timesteps).
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    x0 = gmm.sample(labels, g)
+    noise = torch.randn(x0.shape, generator=g)
+    uncond = torch.full_like(labels, NULL)
+    model = student_eps(net)
+    out = {"t": [], "ode": [], "same_noise": []}
+    with torch.no_grad():
+        for t_int in range(119, sched.T, 20):
+            t = torch.full((n,), t_int)
+            s = t - k
+            a_t, s_t = ms.alpha_sigma(sched, t, x0)
+            a_s, s_s = ms.alpha_sigma(sched, s, x0)
+            x_t = a_t * x0 + s_t * noise
+            f_t = ms.consistency_fn(x_t, model(x_t, t, labels), t, a_t, s_t)
+            x_ode = ms.teacher_solve(teacher, x_t, t, s, 1, labels, uncond, w, sched)
+            x_sim = a_s * x0 + s_s * noise
+            f_ode = ms.consistency_fn(x_ode, model(x_ode, s, labels), s, a_s, s_s)
+            f_sim = ms.consistency_fn(x_sim, model(x_sim, s, labels), s, a_s, s_s)
+            out["t"].append(t_int)
+            out["ode"].append((f_t - f_ode).norm(dim=1).mean().item())
+            out["same_noise"].append((f_t - f_sim).norm(dim=1).mean().item())
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Distillation with minisplam.splad_loss
+# ----------------------------------------------------------------------------------------
+
+METHODS = {  # name -> SPLADConfig overrides (Fig. 2a and Table 3 on the toy)
+    "LCM k=20": dict(objective="lcm", k=20),
+    "SPLAM k=20": dict(objective="splam", k=20),
+    "DL k=20": dict(objective="dl", k=20),
+    "LCM k=100 ME": dict(objective="lcm", k=100),
+    "SPLAM k=100 ME": dict(objective="splam", k=100),
+    "LCM k=100 noME": dict(objective="lcm", k=100, multiple_estimation=False),
+    "SPLAM k=100 noME": dict(objective="splam", k=100, multiple_estimation=False),
+}
+
+
+class EvalSet:
+    """Fixed noise, labels and reference ODE samples every method is measured on."""
+
+    def __init__(self, gmm, teacher, sched, w, n: int, seed: int, ode_steps: int = 200):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        self.labels = torch.arange(n) % 2
+        uncond = torch.full_like(self.labels, NULL)
+        self.x_T = torch.randn(n, 2, generator=g)
+        x_T_b = torch.randn(n, 2, generator=g)
+        with torch.no_grad():
+            self.ref_a = ms.ode_sample(teacher, self.x_T, self.labels, uncond, w, sched, ode_steps)
+            self.ref_b = ms.ode_sample(teacher, x_T_b, self.labels, uncond, w, sched, ode_steps)
+        self.noise_floor = class_sw2(self.ref_a, self.ref_b, self.labels)
+        self.teacher, self.sched, self.w, self.uncond = teacher, sched, w, uncond
+
+    def sw2(self, x):
+        """Against the *independent* reference set, so the floor is comparable."""
+        return class_sw2(x, self.ref_b, self.labels)
+
+    def one_step_error(self, x1):
+        """||F(x_T) - ODE(x_T)|| from the same noise."""
+        return (x1 - self.ref_a).norm(dim=1).mean().item()
+
+
+def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, batch, eval_every,
+            n_curve=1000):
+    cfg = ms.SPLADConfig(w=w, loss="l2", **METHODS[name])
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student, target = copy.deepcopy(pre), copy.deepcopy(pre)
+    target.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    uncond = torch.full((batch,), NULL)
+    curve = {"iter": [], "train_s": [], "sw2_1": [], "sw2_4": []}
+    train_s = 0.0
+
+    def log(it):
+        sub = slice(0, n_curve)
+        lab = ev.labels[sub]
+        for steps in (1, 4):
+            x = few_step(target, ev.x_T[sub], lab, sched, steps, seed)
+            curve[f"sw2_{steps}"].append(class_sw2(x, ev.ref_b[sub], lab))
+        curve["iter"].append(it)
+        curve["train_s"].append(train_s)
+
+    log(0)
+    for it in range(1, iters + 1):
+        t0 = time.perf_counter()
+        labels = torch.randint(0, 2, (batch,), generator=g)
+        x0 = gmm.sample(labels, g)
+        loss = ms.splad_loss(student, target, teacher, x0, labels, uncond, sched, cfg, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)   # Appendix A
+        opt.step()
+        ms.ema_update(target, student, cfg.ema_mu)                   # Alg. 1
+        train_s += time.perf_counter() - t0
+        if it % eval_every == 0 or it == iters:
+            log(it)
+    return target, curve
+
+
+def evaluate(net, ev: EvalSet, sched, seed):
+    res = {}
+    for steps in (1, 2, 4):
+        x = few_step(net, ev.x_T, ev.labels, sched, steps, seed)
+        res[f"sw2_{steps}"] = ev.sw2(x)
+        if steps == 1:
+            res["err_1step"] = ev.one_step_error(x)
+    return res
+
+
+def baselines(ev: EvalSet, sched):
+    """Training-free solvers from diffusers at equal step counts (2 evals = 1 guided step)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(num_train_timesteps=sched.T, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", timestep_spacing="trailing")
+    makers = {
+        "DDIM": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True),
+        "DPM-Solver++(2M)": lambda: DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
+                                                                solver_order=2),
+    }
+
+    def eps_fn(x, t):
+        return ms.guided_eps(ev.teacher, x, t, ev.labels, ev.uncond, ev.w)
+
+    res = {}
+    for name, make in makers.items():
+        res[name] = {}
+        for steps in (1, 2, 4):
+            x = ms.scheduler_sample(make(), eps_fn, ev.x_T, steps)
+            res[name][f"sw2_{steps}"] = ev.sw2(x)
+            if steps == 1:
+                res[name]["err_1step"] = ev.one_step_error(x)
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------
+
+
+def mean_std(vals):
+    t = torch.tensor(vals, dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if len(vals) > 1 else 0.0)
+
+
+def fmt(vals):
+    m, s = mean_std(vals)
+    return f"{m:.4f}" if len(vals) == 1 else f"{m:.4f}±{s:.4f}"
+
+
+def table(runs, base, floors):
+    """runs[name] -> list over seeds of {sw2_1, sw2_2, sw2_4, err_1step, train_s}."""
+    cols = ["sw2_1", "sw2_2", "sw2_4", "err_1step"]
+    lines = [f"{'method':<24}" + "".join(f"{c:>18}" for c in cols) + f"{'train s':>10}"]
+    for name, per_seed in {**base, **runs}.items():
+        row = f"{name:<24}" + "".join(f"{fmt([r[c] for r in per_seed]):>18}" for c in cols)
+        ts = [r["train_s"] for r in per_seed if "train_s" in r]
+        lines.append(row + (f"{mean_std(ts)[0]:>10.1f}" if ts else f"{'-':>10}"))
+    lines.append(f"{'noise floor (ref/ref)':<24}{fmt(floors):>18}   (SW2 between two independent teacher sets)")
+    return "\n".join(lines)
+
+
+def verdict(runs):
+    """Plain statement: does SPLAM beat LCM at equal k and estimation, per step count?"""
+    out = []
+    for k in ("k=20", "k=100 ME", "k=100 noME"):
+        for steps in (1, 2, 4):
+            c = f"sw2_{steps}"
+            s, l = mean_std([r[c] for r in runs[f"SPLAM {k}"]]), mean_std([r[c] for r in runs[f"LCM {k}"]])
+            word = "beats" if s[0] < l[0] else "does NOT beat"
+            out.append(f"SPLAM {k} {word} LCM {k} at {steps} step(s): SW2 {s[0]:.4f} vs {l[0]:.4f}")
+    return out
+
+
+def plot(path, ev, finals, curves, deltas, sched, seed):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(finals)
+    fig = plt.figure(figsize=(max(2.0 * (len(names) + 1), 9), 7.5))
+    outer = fig.add_gridspec(2, 1, height_ratios=[2, 1.2])
+    top = outer[0].subgridspec(2, len(names) + 1)
+    cols = ["tab:blue" if c == 0 else "tab:orange" for c in ev.labels.tolist()]
+    panels = [(0, 0, "teacher ODE (200 steps)", ev.ref_a)]
+    for j, name in enumerate(names, 1):
+        for i, steps in enumerate((1, 4)):
+            panels.append((i, j, f"{name}\n{steps} step", few_step(finals[name], ev.x_T, ev.labels, sched,
+                                                                    steps, seed)))
+    for i, j, title, x in panels:
+        a = fig.add_subplot(top[i, j])
+        a.scatter(*x.T, s=0.5, c=cols)
+        a.set_title(title, fontsize=7)
+        a.set_xlim(-1.6, 1.6), a.set_ylim(-1.6, 1.6), a.set_xticks([]), a.set_yticks([])
+    bottom = outer[1].subgridspec(1, 3)
+    a_delta, a_it, a_wall = (fig.add_subplot(bottom[0, i]) for i in range(3))
+    for name in [n for n in ("LCM k=20", "SPLAM k=20", "LCM k=100 ME", "SPLAM k=100 ME") if n in deltas]:
+        a_delta.plot(deltas[name]["t"], deltas[name]["ode"], label=name)
+    a_delta.set(title="consistency error δ(t), Fig. 2c", xlabel="t", ylabel="δ")
+    a_delta.legend(fontsize=6)
+    for name, c in curves.items():
+        a_it.plot(c["iter"], c["sw2_1"], label=name)
+        a_wall.plot(c["train_s"], c["sw2_1"], label=name)
+    a_it.set(title="1-step SW2 vs iteration", xlabel="iteration", yscale="log")
+    a_wall.set(title="1-step SW2 vs train time", xlabel="seconds", yscale="log")
+    a_it.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="3 seeds, 3x the iterations, mean +- std")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="distillation iterations per method")
+    p.add_argument("--pretrain-iters", type=int, default=None)
+    p.add_argument("--w", type=float, default=3.0, help="guidance scale (paper's w; LCM omega = w-1)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--n-eval", type=int, default=4000)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    seeds = a.seeds or (3 if a.full else 1)
+    iters = a.iters or (2400 if a.full else 800)
+    pre_iters = a.pretrain_iters or (6000 if a.full else 2000)
+    names = [n.strip() for n in a.methods.split(",") if n.strip()]
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; choose from {list(METHODS)}")
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    sched = ms.sd_schedule()
+    gmm = GMM()
+    teacher = exact_teacher(gmm, sched)
+    runs = {n: [] for n in names}
+    base, floors, curves0, deltas0, finals0, ev0 = {}, [], {}, {}, {}, None
+    for seed in range(seeds):
+        ev = EvalSet(gmm, teacher, sched, a.w, a.n_eval, seed)
+        floors.append(ev.noise_floor)
+        for bname, r in baselines(ev, sched).items():
+            base.setdefault(bname, []).append(r)
+        t0 = time.perf_counter()
+        pre = pretrain(gmm, sched, pre_iters, seed)
+        print(f"[seed {seed}] pre-trained the MLP in {time.perf_counter() - t0:.1f}s", flush=True)
+        for bname, r in {"pre-trained (no distil)": evaluate(pre, ev, sched, seed)}.items():
+            base.setdefault(bname, []).append(r)
+        for name in names:
+            net, curve = distill(name, pre, gmm, teacher, sched, ev, iters, seed, a.w, a.lr, a.batch,
+                                 eval_every=max(iters // 8, 1))
+            r = evaluate(net, ev, sched, seed)
+            r["train_s"] = curve["train_s"][-1]
+            runs[name].append(r)
+            print(f"[seed {seed}] {name:<18} SW2 1/2/4 = {r['sw2_1']:.4f} {r['sw2_2']:.4f} {r['sw2_4']:.4f}"
+                  f"   ({r['train_s']:.1f}s)", flush=True)
+            if seed == 0:
+                curves0[name], finals0[name] = curve, net
+                deltas0[name] = consistency_error(net, gmm, teacher, sched, a.w)
+        ev0 = ev0 or ev
+
+    tab = table(runs, base, floors)
+    words = verdict(runs) if all(f"{m} {k}" in runs for m in ("SPLAM", "LCM")
+                                 for k in ("k=20", "k=100 ME", "k=100 noME")) else []
+    report = {
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                     "seeds": seeds, "iters": iters, "pretrain_iters": pre_iters},
+        "noise_floor": floors, "baselines": base, "runs": runs,
+        "curves_seed0": curves0, "delta_seed0": deltas0, "verdict": words,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (a.out / "toy2d.json").write_text(json.dumps(report, indent=1))
+    plot(a.out / "toy2d.png", ev0, finals0, curves0, deltas0, sched, 0)
+    print("\nSliced W2 to the teacher's 200-step ODE samples (lower is better), "
+          f"w={a.w}, {iters} iterations, {seeds} seed(s); baselines count one guided step per step:\n")
+    print(tab)
+    print("\n" + "\n".join(words))
+    print(f"\nwrote {a.out / 'toy2d.json'} and {a.out / 'toy2d.png'} in {report['wall_s']:.0f}s")
+    return report
+
+
+if __name__ == "__main__":
+    main()
