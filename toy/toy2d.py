@@ -339,7 +339,7 @@ def verdict(runs):
     return out
 
 
-def plot(path, ev, finals, curves, deltas, sched, seed):
+def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 90):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,7 +373,7 @@ def plot(path, ev, finals, curves, deltas, sched, seed):
     a_wall.set(title="1-step SW2 vs train time", xlabel="seconds", yscale="log")
     a_it.legend(fontsize=5)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
