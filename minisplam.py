@@ -30,12 +30,22 @@ where t is a LongTensor of integer timesteps (one per sample). Wrappers for netw
 that predict v (SD 2.x-768) convert to eps before it reaches these functions.
 """
 
+import json
 import math
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_nn
+
+class UsageError(ValueError):
+    """Bad input from the user (a config value, a path, a dataset): the CLI prints it without a traceback."""
+
 
 # ----------------------------------------------------------------------------------------
 # 1. VP noise schedule (Eq. 1; Appendix B, Eq. 20-21)
@@ -303,21 +313,21 @@ class SPLADConfig:
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+            raise UsageError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
         if self.loss not in ("huber", "l2"):
-            raise ValueError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
+            raise UsageError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
         if self.k_phi < 1 or self.T % self.k_phi:
-            raise ValueError(f"k_phi={self.k_phi} must be a positive divisor of T={self.T}")
+            raise UsageError(f"k_phi={self.k_phi} must be a positive divisor of T={self.T}")
         if self.k < 1 or self.k % self.k_phi:
-            raise ValueError(f"k={self.k} must be a positive multiple of k_phi={self.k_phi} "
+            raise UsageError(f"k={self.k} must be a positive multiple of k_phi={self.k_phi} "
                              f"(e.g. k=20 or k=100 with k_phi=20)")
         if self.k >= self.T:
-            raise ValueError(f"k={self.k} must be smaller than the number of timesteps T={self.T}")
+            raise UsageError(f"k={self.k} must be smaller than the number of timesteps T={self.T}")
         if self.w < 1:
-            raise ValueError(f"guidance scale w={self.w} must be >= 1 (w=1 is no guidance); "
+            raise UsageError(f"guidance scale w={self.w} must be >= 1 (w=1 is no guidance); "
                              "note w = 1 + LCM's omega")
         if not 0 <= self.ema_mu < 1:
-            raise ValueError(f"ema_mu={self.ema_mu} must be in [0, 1)")
+            raise UsageError(f"ema_mu={self.ema_mu} must be in [0, 1)")
 
     @property
     def solver_step(self) -> int:
@@ -420,3 +430,661 @@ def scheduler_sample(scheduler, eps_fn, x_T, num_steps: int):
         t_b = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
         x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t_b), t, x).prev_sample
     return x
+
+
+# ========================================================================================
+# Stable Diffusion at full scale:  python minisplam.py train | sample | export | make-tiny-sd
+# ========================================================================================
+# Everything below wires the functions above to diffusers/transformers models, data on
+# disk and checkpoints. Nothing here changes the method. Heavy imports stay inside the
+# functions, so `import minisplam` needs no Stable Diffusion stack.
+
+SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Teacher and student models
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_teacher(path_or_id: str) -> str:
+    """A local diffusers SD directory, or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        missing = [s for s in SD_PARTS if not (p / s).is_dir()]
+        if missing:
+            raise UsageError(f"{p} is not a diffusers Stable Diffusion directory: it lacks {missing}. "
+                             "Save one with StableDiffusionPipeline.save_pretrained(dir) or give a hub id.")
+        return str(p)
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise UsageError(f"teacher {path_or_id!r} not found: give a local diffusers directory (with "
+                         f"{', '.join(SD_PARTS)}) or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+    return path_or_id
+
+
+@dataclass
+class StableDiffusion:
+    """The frozen parts of a teacher, and its noise schedule."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    sched: VPSchedule
+    prediction_type: str
+
+
+def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusion:
+    """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config; refuse unsupported teachers."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src = resolve_teacher(path_or_id)
+    try:
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+        pred = scheduler.config.prediction_type
+        if pred not in ("epsilon", "v_prediction"):
+            raise UsageError(f"the teacher's prediction_type is {pred!r}: SPLAM distils 'epsilon' or "
+                             "'v_prediction' teachers only")
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+    except OSError as e:
+        raise UsageError(f"could not load the teacher {src!r} ({e}). Without internet access, download it "
+                         "elsewhere and pass the local directory.") from e
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False).eval().to(device)
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, dict(scheduler.config),
+                           vp_schedule(scheduler.alphas_cumprod).to(device), pred)
+
+
+class GammaUNet(nn.Module):
+    """The student: the teacher's UNet2DConditionModel + the gamma path (Sec. 4.2).
+
+    GammaEmbedding(gamma) is added to the output of `unet.time_embedding`, the same place as
+    the timestep embedding. At gamma = 1 it adds exactly zero, so `self.unet` alone is the
+    distilled model (what `export` saves).
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.gamma_emb = GammaEmbedding(unet.time_embedding.linear_2.out_features)
+        self._gamma = None
+        unet.time_embedding.register_forward_hook(self._add_gamma)
+
+    def _add_gamma(self, module, inputs, out):
+        return out if self._gamma is None else out + self.gamma_emb(self._gamma).to(out.dtype)
+
+    def forward(self, x, t, cond, gamma=None):
+        self._gamma = gamma
+        try:
+            return self.unet(x, t, encoder_hidden_states=cond).sample
+        finally:
+            self._gamma = None
+
+
+def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None):
+    """Wrap a UNet (or GammaUNet) as minisplam's eps callable; v-prediction is converted (Eq. 14 form)."""
+    is_student = isinstance(getattr(net, "module", net), GammaUNet)
+
+    def eps(x, t, cond, gamma=None):
+        xi = x if dtype is None else x.to(dtype)
+        ci = cond if dtype is None else cond.to(dtype)
+        out = net(xi, t, ci, gamma) if is_student else net(xi, t, encoder_hidden_states=ci).sample
+        alpha, sigma = alpha_sigma(sched, t, x)
+        return eps_from_output(out.float(), x, alpha, sigma, prediction_type)
+
+    return eps
+
+
+@torch.no_grad()
+def encode_prompts(sd: StableDiffusion, prompts, device):
+    """CLIP embeddings exactly as StableDiffusionPipeline.encode_prompt computes them."""
+    ids = sd.tokenizer(list(prompts), padding="max_length", max_length=sd.tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt").input_ids
+    return sd.text_encoder(ids.to(device))[0]
+
+
+@torch.no_grad()
+def decode_latents(sd: StableDiffusion, z):
+    """Latents -> images in [0, 1], as the pipeline's VAE decode + postprocess."""
+    img = sd.vae.decode(z.to(sd.vae.dtype) / sd.vae.config.scaling_factor).sample
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def latent_shape(sd: StableDiffusion, batch: int, resolution: int):
+    f = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    if resolution % f:
+        raise UsageError(f"resolution {resolution} must be a multiple of the VAE factor {f}")
+    return (batch, sd.unet.config.in_channels, resolution // f, resolution // f)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Data: an imagefolder with metadata.jsonl, or webdataset shards
+# ----------------------------------------------------------------------------------------
+
+
+def load_image(path_or_file, resolution: int, crop_seed=None):
+    """PIL image -> (3, R, R) tensor in [-1, 1]: resize the short side, centre (or seeded random) crop.
+    Returns None for a corrupt or unreadable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path_or_file) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = resolution / min(w, h)
+            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    w, h = im.size
+    if crop_seed is None:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        g = torch.Generator().manual_seed(int(crop_seed))
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
+    import numpy as np
+
+    arr = np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """Hugging Face `imagefolder` layout: images + metadata.jsonl lines {"file_name": ..., "text": ...}."""
+
+    def __init__(self, root, resolution: int, random_crop: bool = False):
+        self.root, self.resolution, self.random_crop = Path(root), resolution, random_crop
+        meta = self.root / "metadata.jsonl"
+        if not self.root.is_dir():
+            raise UsageError(f"dataset folder {self.root} does not exist")
+        if not meta.is_file():
+            raise UsageError(f"{self.root} has no metadata.jsonl. Expected the imagefolder layout: one JSON "
+                             'object per line, e.g. {"file_name": "0001.jpg", "text": "a photo of a cat"}')
+        rows = []
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{meta}:{n} is not valid JSON ({e})") from e
+        if not rows:
+            raise UsageError(f"{meta} is empty: the dataset needs at least one image-caption pair")
+        self.items = [(r["file_name"], r["text"]) for r in rows
+                      if r.get("file_name") and isinstance(r.get("text"), str) and r["text"].strip()]
+        if not self.items:
+            raise UsageError(f"{meta} has no captions: every line needs a non-empty 'text' field")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        i, crop_seed = key
+        name, text = self.items[i]
+        px = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
+        return None if px is None else {"pixels": px, "text": text}
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch indices as a pure function of (seed, step): a resumed run sees the same batches.
+    Each rank takes its slice of the global batch."""
+
+    def __init__(self, n, batch, seed, start_step, rank=0, world=1):
+        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start_step, rank, world
+
+    def _index(self, pos):
+        epoch, i = divmod(pos, self.n)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return int(perm[i])
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            base = (step * self.world + self.rank) * self.batch
+            yield [(self._index(base + j), self.seed * 1_000_003 + base + j) for j in range(self.batch)]
+            step += 1
+
+    def __len__(self):
+        return sys.maxsize
+
+
+def collate_skip_corrupt(items):
+    """Drop corrupt images (None, or pixels None) and report how many were skipped."""
+    good = [it for it in items if it is not None and it["pixels"] is not None]
+    out = {"skipped": len(items) - len(good), "pixels": None, "text": [it["text"] for it in good]}
+    if good:
+        out["pixels"] = torch.stack([it["pixels"] for it in good])
+    return out
+
+
+def webdataset_batches(urls: str, resolution: int, batch: int, seed: int):
+    """LAION / CC12M style tar shards (image + .txt caption) through the optional `webdataset` package."""
+    try:
+        import webdataset as wds
+    except ImportError as e:
+        raise UsageError("webdataset shards need the optional package: pip install webdataset") from e
+    import io
+
+    def decode(sample):
+        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        text = sample.get("txt", b"").decode("utf-8", "replace").strip() if "txt" in sample else ""
+        px = load_image(io.BytesIO(sample[key]), resolution) if key and text else None
+        return {"pixels": px, "text": text}          # pixels None: counted as skipped (webdataset drops None)
+
+    ds = wds.WebDataset(urls, shardshuffle=False, seed=seed).map(decode, handler=wds.warn_and_continue)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate_skip_corrupt)
+
+
+def is_webdataset(spec: str) -> bool:
+    return spec.endswith(".tar") or "{" in spec or spec.startswith(("pipe:", "http://", "https://"))
+
+
+# ----------------------------------------------------------------------------------------
+# 10. Checkpoints: safetensors weights, written atomically, resumable
+# ----------------------------------------------------------------------------------------
+
+# settings that may differ between a run and its resumption
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir",
+                  "validation_prompts"}
+
+
+def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, keep: int = 2) -> Path:
+    """Write run/checkpoint-<step> via a temporary folder + rename, then point `latest` at it.
+    A kill at any moment leaves the previous checkpoint and `latest` intact."""
+    from safetensors.torch import save_model
+
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=run))
+    save_model(student, str(tmp / "student.safetensors"))
+    save_model(target, str(tmp / "target.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+    final = run / f"checkpoint-{step:07d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    ptr = run / ".latest.tmp"
+    ptr.write_text(final.name)
+    os.replace(ptr, run / "latest")
+    for old in sorted(run.glob("checkpoint-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path):
+    p = run / "latest"
+    return run / p.read_text().strip() if p.is_file() else None
+
+
+def load_weights(module: nn.Module, path: Path):
+    from safetensors.torch import load_model
+
+    load_model(module, str(path), strict=True)
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Training (Alg. 1 on Stable Diffusion)
+# ----------------------------------------------------------------------------------------
+
+
+def _dist_setup():
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import torch.distributed as dist
+
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    return dist.get_rank(), world, dev
+
+
+def _validation_grid(sd, model_eps, prompts, resolution, device, seed=0):
+    """Rows: prompts; columns: 1, 2, 4 steps (gamma = 1, fixed seed)."""
+    cond = encode_prompts(sd, prompts, device)
+    cols = []
+    for steps in (1, 2, 4):
+        g = torch.Generator(device).manual_seed(seed)
+        x_T = torch.randn(latent_shape(sd, len(prompts), resolution), generator=g, device=device)
+        z = sample(model_eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g)
+        cols.append(decode_latents(sd, z))
+    return torch.stack(cols, 1).flatten(0, 1), len(cols)
+
+
+def save_grid(images, ncol: int, path: Path):
+    """(N, 3, H, W) in [0, 1] -> one PNG grid, row-major."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    nrow = (n + ncol - 1) // ncol
+    canvas = torch.ones(3, nrow * h, ncol * w)
+    for i, im in enumerate(images):
+        r, c = divmod(i, ncol)
+        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def train(args) -> dict:
+    """SPLAD (Alg. 1) on a Stable Diffusion teacher. Returns {'step': ..., 'losses': [...]}."""
+    import copy as _copy
+
+    from tqdm.auto import tqdm
+
+    cfg = SPLADConfig(objective=args.objective, k=args.k, k_phi=args.k_phi,
+                      multiple_estimation=not args.no_multiple_estimation, w=args.w, loss=args.loss,
+                      huber_c=args.huber_c, ema_mu=args.ema_mu)
+    resolve_teacher(args.teacher)                                            # fail early on a bad path
+    rank, world, device = _dist_setup()
+    run = Path(args.output_dir)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+
+    # --- resume check before any heavy work -------------------------------------------
+    ckpt = None
+    if args.resume:
+        saved = run / "config.json"
+        if not saved.is_file():
+            raise UsageError(f"--resume: {run} is not a training run (no config.json)")
+        old = json.loads(saved.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if k not in RESUMABLE_KEYS and old.get(k) != settings.get(k))
+        if diff:
+            raise UsageError(f"--resume: {run} was trained with different settings: " +
+                             ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff))
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise UsageError(f"--resume: {run} has no complete checkpoint yet")
+    elif (run / "latest").exists():
+        raise UsageError(f"{run} already holds a run: pass --resume to continue it, or choose a new --output-dir")
+
+    # --- data ----------------------------------------------------------------------------
+    if is_webdataset(args.data):
+        loader = webdataset_batches(args.data, args.resolution, args.batch_size, args.seed)
+    else:
+        ds = ImageCaptionFolder(args.data, args.resolution, args.random_crop)
+        start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=StepBatches(len(ds), args.batch_size, args.seed, start, rank, world),
+            collate_fn=collate_skip_corrupt, num_workers=args.num_workers)
+
+    # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
+    low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    sd = load_sd(args.teacher, device, low)
+    from diffusers import UNet2DConditionModel
+
+    student_unet = UNet2DConditionModel.from_pretrained(resolve_teacher(args.teacher), subfolder="unet")
+    if args.gradient_checkpointing:
+        student_unet.enable_gradient_checkpointing()
+    student = GammaUNet(student_unet).to(device).train()
+    target = _copy.deepcopy(student).requires_grad_(False).eval()                # theta^- <- theta
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from e
+        opt_cls = bnb.optim.AdamW8bit
+    else:
+        opt_cls = torch.optim.AdamW
+    opt = opt_cls(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, losses, data_pos, skipped = 0, [], 0, 0
+    if ckpt is not None:
+        load_weights(student, ckpt / "student.safetensors")
+        load_weights(target, ckpt / "target.safetensors")
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        step, losses, data_pos, skipped = state["step"], state["losses"], state["data_pos"], state["skipped"]
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(settings, indent=1))
+    online = student
+    if world > 1:
+        online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+
+    amp = (torch.autocast(device.type, dtype=low) if args.mixed_precision != "no"
+           else torch.autocast(device.type, enabled=False))
+    teacher_eps = unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low)
+    student_eps = unet_eps(online, sd.sched, sd.prediction_type)
+    target_eps = unet_eps(target, sd.sched, sd.prediction_type)
+    uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
+    prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
+    last = None
+    bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
+    it = iter(loader)
+    while step < args.max_steps:
+        batch = next(it)
+        data_pos += 1
+        skipped += batch["skipped"]
+        if batch["pixels"] is None:
+            continue
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
+        with torch.no_grad():
+            px = batch["pixels"].to(device, low)
+            z0 = sd.vae.encode(px).latent_dist.sample(g).float() * sd.vae.config.scaling_factor  # z = E(x)
+            cond = encode_prompts(sd, batch["text"], device).float()
+        uncond = uncond1.float().expand_as(cond)
+        with amp:
+            loss = splad_loss(student_eps, target_eps, teacher_eps, z0, cond, uncond, sd.sched, cfg, g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint is "
+                f"{latest_checkpoint(run) or 'none (no checkpoint yet)'}. Try a lower --lr or --mixed-precision bf16/no.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)   # Appendix A: 10
+        opt.step()
+        ema_update(target, student, cfg.ema_mu)                                      # Alg. 1
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=skipped)
+        if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
+            last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
+        if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
+            grid, ncol = _validation_grid(sd, unet_eps(target.unet, sd.sched, sd.prediction_type), prompts,
+                                          args.resolution, device)
+            save_grid(grid, ncol, run / "validation" / f"step-{step:07d}.png")
+        if world > 1:
+            torch.distributed.barrier()
+    bar.close()
+    if skipped and rank == 0:
+        print(f"skipped {skipped} corrupt or unreadable images", file=sys.stderr)
+    return {"step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
+
+
+# ----------------------------------------------------------------------------------------
+# 12. Sampling and export
+# ----------------------------------------------------------------------------------------
+
+
+def load_distilled(model_dir: str, device="cpu"):
+    """An exported pipeline directory, or a training run (its EMA student at gamma = 1).
+    Returns (StableDiffusion with the distilled UNet, eps callable)."""
+    p = Path(model_dir)
+    if (p / "model_index.json").is_file():
+        sd = load_sd(str(p), device)
+    elif (p / "config.json").is_file() and latest_checkpoint(p) is not None:
+        sd = load_sd(json.loads((p / "config.json").read_text())["teacher"], device)
+        student = GammaUNet(sd.unet)
+        load_weights(student, latest_checkpoint(p) / "target.safetensors")
+    else:
+        raise UsageError(f"{p} is neither an exported pipeline (model_index.json) nor a training run "
+                         "with a checkpoint (config.json + latest)")
+    return sd, unet_eps(sd.unet, sd.sched, sd.prediction_type)
+
+
+def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu"):
+    """Few-step images (N, 3, R, R) in [0, 1] from our sampler (Eq. 19 + multistep)."""
+    sd, eps = load_distilled(model_dir, device)
+    res = resolution or sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    g = torch.Generator(device).manual_seed(seed)
+    x_T = torch.randn(latent_shape(sd, len(prompts), res), generator=g, device=device)   # as the pipeline
+    z = sample(eps, x_T, encode_prompts(sd, prompts, device), sd.sched, lcm_timesteps(steps, sd.sched.T), g)
+    return decode_latents(sd, z)
+
+
+def export(run_dir: str, out_dir: str):
+    """A plain diffusers StableDiffusionPipeline: teacher architecture with the EMA student's
+    weights, LCMScheduler; sample it at guidance_scale=1 (the distilled w is baked in)."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    run = Path(run_dir)
+    ckpt = latest_checkpoint(run)
+    if not (run / "config.json").is_file() or ckpt is None:
+        raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
+    sd = load_sd(json.loads((run / "config.json").read_text())["teacher"])
+    student = GammaUNet(sd.unet)
+    load_weights(student, ckpt / "target.safetensors")
+    scheduler = LCMScheduler.from_config(sd.scheduler_config, timestep_scaling=10.0, original_inference_steps=50,
+                                         clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                   unet=student.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))          # atomic: build, then rename
+    pipe.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
+    """A tiny, randomly initialised SD teacher (UNet, VAE, CLIP, tokenizer from a local vocab)
+    for tests and CPU smoke runs of the CLI. Its images are noise; its code paths are SD's."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in list(letters) + [c + "</w>" for c in letters]:
+        vocab[c] = len(vocab)
+    (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
+                        model_max_length=16)
+    tok.save_pretrained(out / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                 eos_token_id=1, pad_token_id=1)).save_pretrained(out / "text_encoder")
+    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                         attention_head_dim=8, norm_num_groups=8).save_pretrained(out / "unet")
+    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  sample_size=16).save_pretrained(out / "vae")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  prediction_type=prediction_type, clip_sample=False).save_pretrained(out / "scheduler")
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------
+# 13. Command line
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="distil a teacher with SPLAD (Alg. 1)")
+    t.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
+    t.add_argument("--data", required=True, help="imagefolder dir with metadata.jsonl, or webdataset shards "
+                                                 "('data/{00000..00099}.tar')")
+    t.add_argument("--output-dir", required=True)
+    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    t.add_argument("--objective", default="splam", choices=sorted(OBJECTIVES))
+    t.add_argument("--k", type=int, default=100, help="skipping step k (100 with multiple estimation, or 20)")
+    t.add_argument("--k-phi", type=int, default=20, help="DDIM solver step k_phi")
+    t.add_argument("--no-multiple-estimation", action="store_true", help="one teacher DDIM step of size k")
+    t.add_argument("--w", type=float, default=8.0, help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
+    t.add_argument("--loss", default="huber", choices=["huber", "l2"])
+    t.add_argument("--huber-c", type=float, default=0.001)
+    t.add_argument("--ema-mu", type=float, default=0.95)
+    t.add_argument("--lr", type=float, default=8e-6)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=10.0)
+    t.add_argument("--batch-size", type=int, default=8, help="per process")
+    t.add_argument("--resolution", type=int, default=512)
+    t.add_argument("--random-crop", action="store_true")
+    t.add_argument("--max-steps", type=int, default=6000)
+    t.add_argument("--checkpoint-every", type=int, default=500)
+    t.add_argument("--validate-every", type=int, default=500, help="0 disables the validation grid")
+    t.add_argument("--validation-prompts", nargs="*", default=None)
+    t.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no",
+                   choices=["no", "fp16", "bf16"])
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--use-8bit-adam", action="store_true")
+    t.add_argument("--num-workers", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("sample", help="few-step images from a run or an exported pipeline")
+    s.add_argument("--model", required=True)
+    s.add_argument("--prompt", action="append", default=[])
+    s.add_argument("--prompts-file", help="one prompt per line")
+    s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--out", default="samples")
+
+    e = sub.add_parser("export", help="write a plain diffusers StableDiffusionPipeline (LCMScheduler)")
+    e.add_argument("--run", required=True)
+    e.add_argument("--out", required=True)
+
+    m = sub.add_parser("make-tiny-sd", help="write a tiny random SD teacher for smoke tests")
+    m.add_argument("out")
+    m.add_argument("--prediction-type", default="epsilon")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            res = train(args)
+            print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
+            return res
+        if args.cmd == "sample":
+            prompts = list(args.prompt)
+            if args.prompts_file:
+                f = Path(args.prompts_file)
+                if not f.is_file():
+                    raise UsageError(f"prompts file {f} does not exist")
+                prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+            if not prompts:
+                raise UsageError("give at least one --prompt or a --prompts-file")
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            imgs = generate(args.model, prompts, args.steps, args.seed, args.resolution, dev)
+            out = Path(args.out)
+            for i, im in enumerate(imgs):
+                save_grid(im[None].cpu(), 1, out / f"{i:04d}.png")
+            save_grid(imgs.cpu(), min(len(prompts), 8), out / "grid.png")
+            print(f"wrote {len(prompts)} images and grid.png to {out}")
+            return imgs
+        if args.cmd == "export":
+            print(f"exported to {export(args.run, args.out)}")
+            return args.out
+        if args.cmd == "make-tiny-sd":
+            print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type)}")
+            return args.out
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

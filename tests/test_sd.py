@@ -1,0 +1,274 @@
+"""Stable Diffusion path, offline on CPU: a tiny random SD built here, driven through the real CLI."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import minisplam as ms
+
+FAST = ["--resolution", "16", "--batch-size", "2", "--num-workers", "0", "--w", "3", "--lr", "1e-4"]
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "teacher"))
+
+
+@pytest.fixture(scope="session")
+def teacher_v(tmp_path_factory):
+    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny_v") / "teacher"), prediction_type="v_prediction")
+
+
+def _png(color, size=(20, 24)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """3 good image-caption pairs, 1 corrupt image, 1 row without a caption."""
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for i, (c, text) in enumerate([((200, 30, 30), "a red square"), ((30, 200, 30), "a green square"),
+                                   ((30, 30, 200), "a blue square")]):
+        (d / f"{i}.png").write_bytes(_png(c))
+        rows.append({"file_name": f"{i}.png", "text": text})
+    (d / "bad.png").write_bytes(b"this is not an image")
+    rows.append({"file_name": "bad.png", "text": "corrupt"})
+    rows.append({"file_name": "0.png"})
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(d)
+
+
+def _train(teacher, data, out, *extra):
+    return ms.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(out), *FAST, *extra])
+
+
+# --- training, checkpoints, resume -------------------------------------------------------------
+
+
+def test_train_writes_atomic_safetensors_checkpoints_and_validation(teacher, data, tmp_path):
+    run = tmp_path / "run"
+    res = _train(teacher, data, run, "--max-steps", "4", "--checkpoint-every", "2", "--validate-every", "4")
+    assert res["step"] == 4 and len(res["losses"]) == 4 and all(l > 0 for l in res["losses"])
+    assert res["skipped"] > 0                                         # the corrupt image was skipped, counted
+    ck = run / (run / "latest").read_text()
+    assert ck.name == "checkpoint-0000004"
+    assert {p.name for p in ck.iterdir()} == {"student.safetensors", "target.safetensors", "optimizer.pt", "state.json"}
+    assert not list(run.glob(".tmp-*"))
+    assert Image.open(run / "validation" / "step-0000004.png").size == (3 * 16, 2 * 16)  # 1/2/4 steps x 2 prompts
+
+
+def test_kill_and_resume_continues_the_same_run(teacher, data, tmp_path):
+    full = _train(teacher, data, tmp_path / "a", "--max-steps", "4", "--checkpoint-every", "2", "--validate-every", "0")
+    _train(teacher, data, tmp_path / "b", "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "0")
+    resumed = _train(teacher, data, tmp_path / "b", "--max-steps", "4", "--checkpoint-every", "2",
+                     "--validate-every", "0", "--resume")
+    assert resumed["step"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-9)
+    from safetensors.torch import load_file
+
+    for name in ("target.safetensors", "student.safetensors"):
+        a = load_file(tmp_path / "a" / "checkpoint-0000004" / name)
+        b = load_file(tmp_path / "b" / "checkpoint-0000004" / name)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    oa = torch.load(tmp_path / "a" / "checkpoint-0000004" / "optimizer.pt", weights_only=True)
+    ob = torch.load(tmp_path / "b" / "checkpoint-0000004" / "optimizer.pt", weights_only=True)
+    assert all(torch.allclose(oa["state"][i]["exp_avg_sq"], ob["state"][i]["exp_avg_sq"], atol=1e-9)
+               for i in oa["state"])
+
+
+def test_crash_while_checkpointing_keeps_the_last_checkpoint(teacher, data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _train(teacher, data, run, "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "0")
+    import safetensors.torch
+
+    calls = []
+
+    def dying_save(model, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:                                           # killed half-way through
+            raise KeyboardInterrupt("killed")
+        return real(model, path, *a, **k)
+
+    real = safetensors.torch.save_model
+    monkeypatch.setattr(safetensors.torch, "save_model", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        _train(teacher, data, run, "--max-steps", "4", "--checkpoint-every", "1", "--validate-every", "0", "--resume")
+    assert (run / "latest").read_text() == "checkpoint-0000002"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000002"]
+    monkeypatch.setattr(safetensors.torch, "save_model", real)
+    res = _train(teacher, data, run, "--max-steps", "3", "--checkpoint-every", "1", "--validate-every", "0", "--resume")
+    assert res["step"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(teacher, data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real, n = ms.splad_loss, []
+
+    def flaky(*a, **k):
+        n.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(n) == 3 else loss
+
+    monkeypatch.setattr(ms, "splad_loss", flaky)
+    with pytest.raises(SystemExit) as e:
+        _train(teacher, data, run, "--max-steps", "5", "--checkpoint-every", "2", "--validate-every", "0")
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "nan" in err and "checkpoint-0000002" in err
+    assert (run / "latest").read_text() == "checkpoint-0000002"
+
+
+# --- export and sampling -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["epsilon", "v_prediction"])
+def test_export_loads_in_diffusers_and_matches_our_sampler(which, teacher, teacher_v, data, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    t = teacher if which == "epsilon" else teacher_v
+    run = tmp_path / "run"
+    _train(t, data, run, "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "0", "--k", "20")
+    out = tmp_path / "exported"
+    ms.main(["export", "--run", str(run), "--out", str(out)])
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.prediction_type == which
+    assert not [k for k in pipe.unet.state_dict() if "gamma" in k]          # teacher architecture only
+    prompts = ["a red square", "a blue square"]
+    for steps in (1, 2, 4):
+        ref = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, height=16, width=16,
+                   generator=torch.Generator().manual_seed(3), output_type="pt").images
+        ours = ms.generate(str(out), prompts, steps, seed=3, resolution=16)
+        from_run = ms.generate(str(run), prompts, steps, seed=3, resolution=16)
+        assert torch.allclose(ours, ref, atol=1e-4), (steps, (ours - ref).abs().max())
+        assert torch.allclose(from_run, ours, atol=1e-5)
+
+
+def test_sample_cli_writes_images_and_grid(teacher, data, tmp_path):
+    run = tmp_path / "run"
+    _train(teacher, data, run, "--max-steps", "1", "--checkpoint-every", "1", "--validate-every", "0")
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a cat\n\na dog\n")
+    out = tmp_path / "s"
+    ms.main(["sample", "--model", str(run), "--prompt", "a bird", "--prompts-file", str(pf), "--steps", "2",
+             "--out", str(out), "--resolution", "16"])
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    assert Image.open(out / "grid.png").size == (48, 16)
+
+
+def test_webdataset_shards_train_and_skip_corrupt(teacher, tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i, (payload, text) in enumerate([(_png((255, 0, 0)), "red"), (b"garbage", "corrupt"),
+                                             (_png((0, 255, 0)), "green"), (_png((0, 0, 255)), "blue")]):
+            for ext, data in (("png", payload), ("txt", text.encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    res = _train(teacher, str(shard), tmp_path / "run", "--max-steps", "1", "--checkpoint-every", "1",
+                 "--validate-every", "0", "--batch-size", "4")
+    assert res["step"] == 1 and res["skipped"] == 1
+
+
+# --- bad input: clear, early errors --------------------------------------------------------------
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        ms.main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_teacher_dir(capsys, data, tmp_path):
+    err = _error(capsys, ["train", "--teacher", str(tmp_path / "nope"), "--data", data, "--output-dir", str(tmp_path / "r")])
+    assert "not found" in err and "hub id" in err
+
+
+def test_teacher_dir_without_parts(capsys, data, tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    err = _error(capsys, ["train", "--teacher", str(tmp_path / "half"), "--data", data, "--output-dir", str(tmp_path / "r")])
+    assert "not a diffusers Stable Diffusion directory" in err and "vae" in err
+
+
+def test_unsupported_prediction_type(capsys, data, tmp_path):
+    t = ms.make_tiny_sd(str(tmp_path / "x0teacher"), prediction_type="sample")
+    err = _error(capsys, ["train", "--teacher", t, "--data", data, "--output-dir", str(tmp_path / "r"), *FAST])
+    assert "prediction_type" in err and "'sample'" in err
+
+
+@pytest.mark.parametrize("content,msg", [(None, "no metadata.jsonl"), ("", "is empty"),
+                                         ('{"file_name": "a.png"}', "no captions"), ("{oops", "not valid JSON")])
+def test_bad_dataset_folders(capsys, teacher, tmp_path, content, msg):
+    d = tmp_path / "ds"
+    d.mkdir()
+    if content is not None:
+        (d / "metadata.jsonl").write_text(content)
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", str(d), "--output-dir", str(tmp_path / "r"), *FAST])
+    assert msg in err
+
+
+def test_missing_dataset_folder(capsys, teacher, tmp_path):
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", str(tmp_path / "none"), "--output-dir",
+                          str(tmp_path / "r"), *FAST])
+    assert "does not exist" in err
+
+
+def test_k_not_a_multiple_of_k_phi(capsys, teacher, data, tmp_path):
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path / "r"),
+                          "--k", "30", *FAST])
+    assert "multiple of k_phi" in err
+
+
+def test_resume_with_different_config_or_no_run(capsys, teacher, data, tmp_path):
+    run = tmp_path / "run"
+    _train(teacher, data, run, "--max-steps", "1", "--checkpoint-every", "1", "--validate-every", "0")
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(run), *FAST,
+                          "--w", "8", "--max-steps", "2", "--resume"])
+    assert "different settings" in err and "w=3.0" in err
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(run), *FAST])
+    assert "--resume" in err                                         # never overwrite a finished run
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path / "new"),
+                          *FAST, "--resume"])
+    assert "not a training run" in err
+
+
+def test_8bit_adam_without_bitsandbytes(capsys, teacher, data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path / "r"),
+                          *FAST, "--use-8bit-adam"])
+    assert "bitsandbytes" in err
+
+
+def test_sample_and_export_bad_paths(capsys, tmp_path):
+    assert "neither an exported pipeline" in _error(capsys, ["sample", "--model", str(tmp_path), "--prompt", "x"])
+    assert "not a training run" in _error(capsys, ["export", "--run", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_gamma_unet_is_the_teacher_at_gamma_one(teacher):
+    sd = ms.load_sd(teacher)
+    student = ms.GammaUNet(sd.unet)
+    torch.nn.init.normal_(student.gamma_emb.proj.weight)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 259])
+    cond = torch.randn(2, 16, 32)
+    plain = sd.unet(x, t, encoder_hidden_states=cond).sample
+    assert torch.equal(student(x, t, cond, torch.ones(2)), plain)
+    assert not torch.allclose(student(x, t, cond, torch.zeros(2)), plain)
+
+
+def test_cli_help_runs_as_a_script():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(Path(ms.__file__)), "train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--teacher" in out.stdout and "--resume" in out.stdout
