@@ -771,10 +771,46 @@ def save_grid(images, ncol: int, path: Path):
     Image.fromarray(arr).save(path)
 
 
-def train(args) -> dict:
-    """SPLAD (Alg. 1) on a Stable Diffusion teacher. Returns {'step': ..., 'losses': [...]}."""
+def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, pixels, prompts, uncond1,
+            generator, low_dtype=torch.float32, max_grad_norm: float = 10.0) -> torch.Tensor:
+    """One iteration of Alg. 1 on Stable Diffusion. `online` is the student, or its DDP wrapper.
+    Returns the loss (detached); a non-finite loss raises FloatingPointError before any update."""
+    dev = uncond1.device
+    with torch.no_grad():
+        px = pixels.to(dev, low_dtype)
+        z0 = sd.vae.encode(px).latent_dist.sample(generator).float() * sd.vae.config.scaling_factor  # z = E(x)
+        cond = encode_prompts(sd, prompts, dev).float()
+    uncond = uncond1.float().expand_as(cond)
+    amp = torch.autocast(dev.type, dtype=low_dtype, enabled=low_dtype != torch.float32)
+    with amp:
+        loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type), unet_eps(target, sd.sched, sd.prediction_type),
+                          unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype),
+                          z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)              # Appendix A: 10
+    opt.step()
+    ema_update(target, student, cfg.ema_mu)                                           # Alg. 1, last line
+    return loss.detach()
+
+
+def make_student(sd_path: str, device, gradient_checkpointing: bool = False):
+    """Student = teacher weights + the gamma path; target = its EMA copy (theta^- <- theta)."""
     import copy as _copy
 
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_teacher(sd_path), subfolder="unet")
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    student = GammaUNet(unet).to(device).train()
+    return student, _copy.deepcopy(student).requires_grad_(False).eval()
+
+
+def train(args) -> dict:
+    """SPLAD (Alg. 1) on a Stable Diffusion teacher. Returns {'step': ..., 'losses': [...]}."""
     from tqdm.auto import tqdm
 
     cfg = SPLADConfig(objective=args.objective, k=args.k, k_phi=args.k_phi,
@@ -815,13 +851,7 @@ def train(args) -> dict:
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
     low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     sd = load_sd(args.teacher, device, low)
-    from diffusers import UNet2DConditionModel
-
-    student_unet = UNet2DConditionModel.from_pretrained(resolve_teacher(args.teacher), subfolder="unet")
-    if args.gradient_checkpointing:
-        student_unet.enable_gradient_checkpointing()
-    student = GammaUNet(student_unet).to(device).train()
-    target = _copy.deepcopy(student).requires_grad_(False).eval()                # theta^- <- theta
+    student, target = make_student(args.teacher, device, args.gradient_checkpointing)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -845,11 +875,6 @@ def train(args) -> dict:
     if world > 1:
         online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
 
-    amp = (torch.autocast(device.type, dtype=low) if args.mixed_precision != "no"
-           else torch.autocast(device.type, enabled=False))
-    teacher_eps = unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low)
-    student_eps = unet_eps(online, sd.sched, sd.prediction_type)
-    target_eps = unet_eps(target, sd.sched, sd.prediction_type)
     uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
     last = None
@@ -862,22 +887,13 @@ def train(args) -> dict:
         if batch["pixels"] is None:
             continue
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
-        with torch.no_grad():
-            px = batch["pixels"].to(device, low)
-            z0 = sd.vae.encode(px).latent_dist.sample(g).float() * sd.vae.config.scaling_factor  # z = E(x)
-            cond = encode_prompts(sd, batch["text"], device).float()
-        uncond = uncond1.float().expand_as(cond)
-        with amp:
-            loss = splad_loss(student_eps, target_eps, teacher_eps, z0, cond, uncond, sd.sched, cfg, g)
-        if not torch.isfinite(loss):
+        try:
+            loss = sd_step(sd, online, student, target, opt, cfg, batch["pixels"], batch["text"], uncond1, g,
+                           low, args.max_grad_norm)
+        except FloatingPointError as e:
             raise FloatingPointError(
-                f"loss became {loss.item()} at step {step}; stopping. The last good checkpoint is "
+                f"{e} at step {step}; stopping. The last good checkpoint is "
                 f"{latest_checkpoint(run) or 'none (no checkpoint yet)'}. Try a lower --lr or --mixed-precision bf16/no.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm)   # Appendix A: 10
-        opt.step()
-        ema_update(target, student, cfg.ema_mu)                                      # Alg. 1
         step += 1
         losses.append(loss.item())
         bar.update(1)
@@ -917,14 +933,20 @@ def load_distilled(model_dir: str, device="cpu"):
     return sd, unet_eps(sd.unet, sd.sched, sd.prediction_type)
 
 
-def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu"):
-    """Few-step images (N, 3, R, R) in [0, 1] from our sampler (Eq. 19 + multistep)."""
-    sd, eps = load_distilled(model_dir, device)
+def generate_images(sd: StableDiffusion, eps, prompts, steps: int, seed: int, resolution=None):
+    """Few-step images (N, 3, R, R) in [0, 1] from our sampler (Eq. 19 + multistep), one batch."""
+    device = sd.sched.alpha.device
     res = resolution or sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn(latent_shape(sd, len(prompts), res), generator=g, device=device)   # as the pipeline
     z = sample(eps, x_T, encode_prompts(sd, prompts, device), sd.sched, lcm_timesteps(steps, sd.sched.T), g)
     return decode_latents(sd, z)
+
+
+def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu"):
+    """Load a run or an exported pipeline and sample one batch of prompts."""
+    sd, eps = load_distilled(model_dir, device)
+    return generate_images(sd, eps, prompts, steps, seed, resolution)
 
 
 def export(run_dir: str, out_dir: str):
@@ -1036,6 +1058,7 @@ def build_parser():
     s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resolution", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=8, help="prompts per batch; batch i uses seed + i")
     s.add_argument("--out", default="samples")
 
     e = sub.add_parser("export", help="write a plain diffusers StableDiffusionPipeline (LCMScheduler)")
@@ -1065,13 +1088,19 @@ def main(argv=None):
             if not prompts:
                 raise UsageError("give at least one --prompt or a --prompts-file")
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-            imgs = generate(args.model, prompts, args.steps, args.seed, args.resolution, dev)
-            out = Path(args.out)
-            for i, im in enumerate(imgs):
-                save_grid(im[None].cpu(), 1, out / f"{i:04d}.png")
-            save_grid(imgs.cpu(), min(len(prompts), 8), out / "grid.png")
-            print(f"wrote {len(prompts)} images and grid.png to {out}")
-            return imgs
+            sd, eps = load_distilled(args.model, dev)
+            out, imgs = Path(args.out), []
+            for b, i in enumerate(range(0, len(prompts), args.batch_size)):
+                batch = generate_images(sd, eps, prompts[i:i + args.batch_size], args.steps, args.seed + b,
+                                        args.resolution).cpu()
+                for j, im in enumerate(batch):
+                    save_grid(im[None], 1, out / f"{i + j:05d}.png")
+                if len(prompts) <= 64:
+                    imgs.append(batch)
+            if imgs:
+                save_grid(torch.cat(imgs), min(len(prompts), 8), out / "grid.png")
+            print(f"wrote {len(prompts)} images to {out}")
+            return out
         if args.cmd == "export":
             print(f"exported to {export(args.run, args.out)}")
             return args.out

@@ -158,8 +158,8 @@ def test_sample_cli_writes_images_and_grid(teacher, data, tmp_path):
     pf.write_text("a cat\n\na dog\n")
     out = tmp_path / "s"
     ms.main(["sample", "--model", str(run), "--prompt", "a bird", "--prompts-file", str(pf), "--steps", "2",
-             "--out", str(out), "--resolution", "16"])
-    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+             "--out", str(out), "--resolution", "16", "--batch-size", "2"])
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png"]
     assert Image.open(out / "grid.png").size == (48, 16)
 
 
