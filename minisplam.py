@@ -909,7 +909,9 @@ def train(args) -> dict:
     bar.close()
     if skipped and rank == 0:
         print(f"skipped {skipped} corrupt or unreadable images", file=sys.stderr)
-    return {"step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"rank": rank, "step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1076,7 +1078,8 @@ def main(argv=None):
     try:
         if args.cmd == "train":
             res = train(args)
-            print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
+            if res["rank"] == 0:
+                print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
             return res
         if args.cmd == "sample":
             prompts = list(args.prompt)

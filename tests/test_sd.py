@@ -272,3 +272,20 @@ def test_cli_help_runs_as_a_script():
 
     out = subprocess.run([sys.executable, str(Path(ms.__file__)), "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--teacher" in out.stdout and "--resume" in out.stdout
+
+
+def test_torchrun_two_processes_ddp(teacher, data, tmp_path):
+    """The multi-GPU path (torchrun + DistributedDataParallel), on CPU with the gloo backend."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          str(Path(ms.__file__)), "train", "--teacher", teacher, "--data", data,
+                          "--output-dir", str(run), *FAST, "--max-steps", "2", "--checkpoint-every", "2",
+                          "--validate-every", "0"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("trained to step 2") == 1                  # rank 0 reports, rank 1 does not
+    assert (run / "latest").read_text() == "checkpoint-0000002"
