@@ -501,16 +501,17 @@ def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusi
 
 
 class GammaUNet(nn.Module):
-    """The student: the teacher's UNet2DConditionModel + the gamma path (Sec. 4.2).
+    """The student: the teacher's UNet + the gamma path (Sec. 4.2).
 
     GammaEmbedding(gamma) is added to the output of `unet.time_embedding`, the same place as
     the timestep embedding. At gamma = 1 it adds exactly zero, so `self.unet` alone is the
-    distilled model (what `export` saves).
+    distilled model (what `export` saves). `cond_arg` names the UNet's conditioning input:
+    'encoder_hidden_states' (SD's UNet2DConditionModel) or 'class_labels' (UNet2DModel).
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, cond_arg: str = "encoder_hidden_states"):
         super().__init__()
-        self.unet = unet
+        self.unet, self.cond_arg = unet, cond_arg
         self.gamma_emb = GammaEmbedding(unet.time_embedding.linear_2.out_features)
         self._gamma = None
         unet.time_embedding.register_forward_hook(self._add_gamma)
@@ -521,19 +522,19 @@ class GammaUNet(nn.Module):
     def forward(self, x, t, cond, gamma=None):
         self._gamma = gamma
         try:
-            return self.unet(x, t, encoder_hidden_states=cond).sample
+            return self.unet(x, t, **{self.cond_arg: cond}).sample
         finally:
             self._gamma = None
 
 
-def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None):
+def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states"):
     """Wrap a UNet (or GammaUNet) as minisplam's eps callable; v-prediction is converted (Eq. 14 form)."""
     is_student = isinstance(getattr(net, "module", net), GammaUNet)
 
     def eps(x, t, cond, gamma=None):
         xi = x if dtype is None else x.to(dtype)
-        ci = cond if dtype is None else cond.to(dtype)
-        out = net(xi, t, ci, gamma) if is_student else net(xi, t, encoder_hidden_states=ci).sample
+        ci = cond if dtype is None or not torch.is_floating_point(cond) else cond.to(dtype)
+        out = net(xi, t, ci, gamma) if is_student else net(xi, t, **{cond_arg: ci}).sample
         alpha, sigma = alpha_sigma(sched, t, x)
         return eps_from_output(out.float(), x, alpha, sigma, prediction_type)
 

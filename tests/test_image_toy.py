@@ -1,0 +1,154 @@
+"""Image toy: AMED / iPNDM against closed forms, NFE accounting, data loaders, and a smoke run."""
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import minisplam as ms
+from toy import image_toy as it
+
+S_D = 0.5                                   # std of Gaussian data: its PF-ODE is closed form
+
+
+class GaussEps:
+    """eps(x~, sigma) for data N(0, S_D^2) in EDM form: sigma x~ / (S_D^2 + sigma^2). Counts calls."""
+
+    def __init__(self, feat=8):
+        self.calls, self.h, self.feat = 0, None, feat
+
+    def __call__(self, x, sig):
+        self.calls += 1
+        s = ms._bc(sig.expand(len(x)) if sig.ndim == 0 else sig, x)
+        self.h = x.flatten(1)[:, : self.feat]
+        return s * x / (S_D**2 + s**2)
+
+
+def exact(x_T, s_max, s_min):
+    """x~(sigma) = x~(sigma_max) sqrt((S_D^2 + sigma^2) / (S_D^2 + sigma_max^2))."""
+    return x_T * s_max * ((S_D**2 + s_min**2) / (S_D**2 + s_max**2)) ** 0.5
+
+
+def test_amed_step_is_dpm_solver_2_at_r_half_c_one():
+    f = GaussEps()
+    x = torch.randn(4, 1, 4, 4)
+    s_cur, s_next = torch.tensor(5.0), torch.tensor(0.8)
+    half, one = torch.full((4, 1), 0.5), torch.ones(4, 1)
+    got = it.amed_step(f, x, s_cur, s_next, half, one, f(x, s_cur))
+    s_mid = (s_cur * s_next).sqrt()                                   # DPM-Solver-2: geometric midpoint
+    x_mid = x + (s_mid - s_cur) * f(x, s_cur)
+    want = x + (s_next - s_cur) * f(x_mid, s_mid)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_predictor_outputs_in_range_and_start_at_dpm_solver_2():
+    g = it.AMEDPredictor(8)
+    h = torch.randn(16, 8)
+    r, c = g(h, torch.tensor(0.5), torch.tensor(3.0))
+    assert torch.allclose(r, torch.full_like(r, 0.5)) and torch.allclose(c, torch.ones_like(c))
+    for p in g.parameters():
+        torch.nn.init.normal_(p, std=3.0)
+    r, c = g(100 * h, torch.tensor(0.5), torch.tensor(3.0))
+    assert ((r >= 0) & (r <= 1)).all() and ((c >= 0) & (c <= 2)).all()
+    assert r.std() > 0                                                  # depends on the feature
+    assert 1000 < sum(p.numel() for p in it.AMEDPredictor(64).parameters()) < 10_000   # ~9k in the paper
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 4, 5, 8])
+def test_every_solver_gets_exactly_its_nfe(nfe):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
+    calls = []
+    eps = lambda x, t: calls.append(1) or torch.tanh(x)
+    for sch in (DDIMScheduler(**cfg), DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2),
+                UniPCMultistepScheduler(**cfg, solver_order=2)):
+        calls.clear()
+        ms.scheduler_sample(sch, eps, torch.randn(2, 1, 4, 4), nfe)
+        assert len(calls) == nfe, type(sch).__name__
+    f = GaussEps()
+    it.ipndm_sample(f, torch.randn(2, 1, 4, 4), it.poly_sigmas(nfe, 0.03, 14.6))
+    assert f.calls == nfe
+    steps, afs = it.amed_nfe_plan(nfe)
+    f = GaussEps()
+    it.amed_sample(f, it.AMEDPredictor(8), torch.randn(2, 1, 4, 4), it.poly_sigmas(steps, 0.03, 14.6), afs)
+    assert f.calls == nfe and afs == (nfe % 2 == 1)
+
+
+def test_ipndm_and_teacher_trajectory_match_the_closed_form_ode():
+    x_T = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    want = exact(x_T, 14.6, 0.03)
+    err = lambda x: (x - want).abs().max().item()
+    ipndm = [err(it.ipndm_sample(GaussEps(), x_T, it.poly_sigmas(n, 0.03, 14.6))) for n in (1, 4, 8, 16, 32)]
+    assert all(a > b for a, b in zip(ipndm, ipndm[1:])) and ipndm[-1] < 0.005 and ipndm[0] > 1
+    coarse = it.teacher_trajectory(GaussEps(), x_T, it.poly_sigmas(3, 0.03, 14.6), M=1)
+    fine = it.teacher_trajectory(GaussEps(), x_T, it.poly_sigmas(3, 0.03, 14.6), M=8)
+    assert len(fine) == 4 and err(fine[-1]) < 0.5 * err(coarse[-1]) and err(fine[-1]) < 0.02
+
+
+def test_amed_training_reduces_error_to_the_teacher():
+    x_T = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    sig = it.poly_sigmas(2, 0.03, 14.6)
+    want = exact(x_T, 14.6, 0.03)
+    before = (it.amed_sample(GaussEps(), it.AMEDPredictor(8), x_T, sig, afs=False) - want).pow(2).mean()
+    g_phi, n_par, secs = it.train_amed(GaussEps(), 8, sig, False, (1, 4, 4), 64, 32, 20, 2, seed=0, lr=3e-2)
+    after = (it.amed_sample(GaussEps(), g_phi, x_T, sig, afs=False) - want).pow(2).mean()
+    assert after < 0.5 * before
+
+
+def test_edm_view_round_trips_integer_timesteps(sched):
+    view = it.EDMView(sched)
+    t = torch.tensor([0, 1, 10, 259, 500, 999])
+    sig = (sched.sigma / sched.alpha)[t]
+    assert torch.allclose(view.t_of(sig), t.float(), atol=1e-3)
+    assert abs(view.sigma_min - (sched.sigma / sched.alpha)[0].item()) < 1e-6
+
+
+def test_frechet_distance():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, 4, generator=g), torch.randn(4000, 4, generator=g)
+    assert abs(it.frechet(a, b)) < 0.02
+    assert abs(it.frechet(a, b + torch.tensor([1.0, 0, 0, 0])) - 1.0) < 0.05
+
+
+def test_digits_loader():
+    x, y, n = it.load_digits16()
+    assert x.shape == (1797, 1, 16, 16) and n == 10 and set(y.tolist()) == set(range(10))
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_cifar_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(ms.UsageError, match="cifar-10-python.tar.gz"):
+        it.load_cifar10(str(tmp_path / "nope.tar.gz"))
+    with pytest.raises(ms.UsageError, match="python"):
+        (tmp_path / "empty").mkdir()
+        it.load_cifar10(str(tmp_path / "empty"))
+
+
+def test_cifar_archive_in_the_standard_format_loads(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (6, 3072), dtype=np.uint8)
+    blob = pickle.dumps({b"data": arr, b"labels": [0, 1, 2, 3, 4, 5]})
+    path = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(blob)
+        tf.addfile(info, io.BytesIO(blob))
+    x, y, n = it.load_cifar10(str(path))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 1, 2, 3, 4, 5]
+    assert torch.allclose(x[0, 0, 0, 0], torch.tensor(arr[0, 0] / 127.5 - 1, dtype=torch.float32))
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    rep = it.main(["--teacher-iters", "20", "--distill-iters", "2", "--n-eval", "40", "--ode-steps", "8",
+                   "--amed-train", "8", "--amed-epochs", "1", "--classifier-iters", "10", "--batch", "8",
+                   "--nfes", "2,3", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "image_toy.json").read_text())
+    for m in ("DDIM", "DPM-Solver++(2M)", "UniPC", "iPNDM", "AMED-Solver", "LCM (k=100)", "SPLAM (k=100)"):
+        assert set(data["results"][m]) >= {"2", "3"}, m
+    assert set(data["winners_by_nfe"]) == {"2", "3"} and data["amed"]["3"]["afs"] is True
+    assert (tmp_path / "image_toy_SPLAM_NFE1.png").exists() and (tmp_path / "image_toy_AMED-Solver_NFE3.png").exists()
+    assert rep["timing"]["total_s"] > 0
