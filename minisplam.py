@@ -23,6 +23,13 @@ The file reads in paper order:
 Everything here is a pure function of tensors (randomness only through a passed
 torch.Generator), so the 2D toy (`python toy/toy2d.py`), the notebooks and the tests run
 exactly the code a Stable Diffusion run uses. Importing this module does no I/O.
+Sections 8-13 wire the method to Stable Diffusion (diffusers/transformers) on a GPU:
+
+    python minisplam.py train --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --data DIR_WITH_metadata.jsonl --output-dir runs/sd15 --k 100 --w 3 --mixed-precision bf16
+    python minisplam.py sample --model runs/sd15 --prompt "a photo of a cat" --steps 4
+    python minisplam.py export --run runs/sd15 --out sd15-splam   # a plain diffusers pipeline
+    python minisplam.py make-tiny-sd /tmp/tiny                    # a random toy teacher, for smoke runs
 
 A "model" in this file is a callable returning the noise prediction eps:
     teacher(x, t, cond) -> eps            student(x, t, cond, gamma) -> eps
