@@ -152,3 +152,23 @@ def test_smoke_run_end_to_end(tmp_path):
     assert set(data["winners_by_nfe"]) == {"2", "3"} and data["amed"]["3"]["afs"] is True
     assert (tmp_path / "image_toy_SPLAM_NFE1.png").exists() and (tmp_path / "image_toy_AMED-Solver_NFE3.png").exists()
     assert rep["timing"]["total_s"] > 0
+
+
+def test_loaded_diffusers_teacher_and_fid_fallback(tmp_path, sched):
+    """--teacher DIR: a saved UNet2DModel + scheduler (here unconditional, so w = 1)."""
+    from diffusers import DDPMScheduler
+
+    d = tmp_path / "teacher"
+    it.make_unet(1, 16, None, width=8).save_pretrained(d / "unet")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(d / "scheduler")
+    rep = it.main(["--teacher", str(d), "--distill-iters", "1", "--n-eval", "20", "--ode-steps", "4",
+                   "--amed-train", "4", "--amed-epochs", "1", "--classifier-iters", "5", "--batch", "4",
+                   "--nfes", "2", "--out", str(tmp_path / "out")])
+    assert rep["settings"]["teacher"] == str(d) and set(rep["results"]["SPLAM (k=100)"]) >= {"2"}
+    if not rep["fid_available"]:                                       # offline: the reason is recorded
+        assert rep["fid_unavailable_reason"]
+    bad = tmp_path / "bad"
+    it.make_unet(1, 16, None, width=8).save_pretrained(bad / "unet")
+    DDPMScheduler(prediction_type="sample").save_pretrained(bad / "scheduler")
+    with pytest.raises(ValueError, match="prediction_type"):
+        it.main(["--teacher", str(bad), "--out", str(tmp_path / "o2")])

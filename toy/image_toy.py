@@ -335,6 +335,20 @@ def train_classifier(x, y, n_classes, iters, seed, device="cpu"):
     return net.eval().requires_grad_(False), acc
 
 
+def inception_fid(samples, real):
+    """FID with torchmetrics when it and its Inception weights are available; else (None, reason)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=2048, normalize=True)
+        rgb = lambda im: ((im.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1).cpu()
+        fid.update(rgb(real), real=True)
+        fid.update(rgb(samples), real=False)
+        return fid.compute().item(), None
+    except Exception as e:                                   # no torchmetrics, no weights offline, ...
+        return None, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 def frechet(f1, f2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two feature sets."""
     f1, f2 = f1.double(), f2.double()
@@ -361,9 +375,10 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
     t0 = time.perf_counter()
     for _ in range(iters):
         i = torch.randint(0, len(x), (batch,), generator=g, device=device).cpu()
-        null = torch.full((batch,), n_classes, device=device)
+        conditional = teacher_unet.config.num_class_embeds is not None      # else: no labels at all, w = 1
+        null = torch.full((batch,), n_classes, device=device) if conditional else None
         loss = ms.splad_loss(ms.unet_eps(student, sched, pred), ms.unet_eps(target, sched, pred), teacher,
-                             x[i].to(device), y[i].to(device), null, sched, cfg, g)
+                             x[i].to(device), y[i].to(device) if conditional else None, null, sched, cfg, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
@@ -445,12 +460,17 @@ def main(argv=None):
         t0 = time.perf_counter()
         ref = ms.ode_sample(teacher_eps, x_T, cond, uncond, w, sched, a.ode_steps)
         timing["reference_s"] = time.perf_counter() - t0
-    real_feat = clf.body(x[torch.randperm(len(x), generator=g)[: a.n_eval]].to(dev))
+    real_x = x[torch.randperm(len(x), generator=g)[: a.n_eval]].to(dev)
+    real_feat = clf.body(real_x)
+    fid_probe, fid_reason = inception_fid(real_x[:8], real_x[8:16])          # is real FID possible here?
 
     def score(samples):
         with torch.no_grad():
-            return {"fd_proxy": frechet(clf.body(samples.clamp(-1, 1)), real_feat),
-                    "err_to_ode": (samples - ref).flatten(1).norm(dim=1).div(math.sqrt(ref[0].numel())).mean().item()}
+            out = {"fd_proxy": frechet(clf.body(samples.clamp(-1, 1)), real_feat),
+                   "err_to_ode": (samples - ref).flatten(1).norm(dim=1).div(math.sqrt(ref[0].numel())).mean().item()}
+            if fid_reason is None:
+                out["fid"] = inception_fid(samples, real_x)[0]
+            return out
 
     results = {"teacher ODE (%d steps)" % a.ode_steps: {"ref": score(ref)}}
     grids = {"teacher": ref}
@@ -495,8 +515,8 @@ def main(argv=None):
 
     # --- distillation: LCM and SPLAM, same budget and seed ------------------------------------------
     for objective, name in (("lcm", "LCM"), ("splam", "SPLAM")):
-        net, secs = distill(objective, unet, sched, pred, x, y if tc is not None else torch.zeros_like(y),
-                            n_classes, w, a.distill_iters, a.batch, a.lr, a.seed, a.k, dev)
+        net, secs = distill(objective, unet, sched, pred, x, y, n_classes, w, a.distill_iters, a.batch, a.lr,
+                            a.seed, a.k, dev)
         timing[f"{name}_s"] = secs
         model = ms.unet_eps(net.unet, sched, pred, cond_arg="class_labels")
         out = {}
@@ -527,12 +547,17 @@ def main(argv=None):
         save_class_grid(imgs.cpu(), labels.cpu(), n_classes, a.out / f"image_toy_{name.replace(' ', '_').replace('=', '')}.png")
     timing["total_s"] = time.perf_counter() - t_start
     report = {"settings": {k: str(v) for k, v in vars(a).items()}, "classifier_accuracy": clf_acc,
+              "fid_available": fid_reason is None, "fid_unavailable_reason": fid_reason,
               "teacher_fd_proxy": teacher_fd, "results": {m: {str(k): v for k, v in r.items()} for m, r in results.items()},
               "winners_by_nfe": winners, "amed": amed_info, "timing": timing}
     (a.out / "image_toy.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
     print(f"teacher's own {a.ode_steps}-step ODE samples: FD-proxy {teacher_fd:.2f}. FD-proxy = Fréchet distance in the "
           f"features of a classifier trained on the data (held-out accuracy {clf_acc:.1%}); it is NOT FID.")
+    if fid_reason is None:
+        print("Inception FID (torchmetrics) is in image_toy.json next to the proxy.")
+    else:
+        print(f"Inception FID not computed ({fid_reason}); install torchmetrics[image] with its weights for FID.")
     for n, m in winners.items():
         print(f"NFE {n}: best FD-proxy is {m}")
     print(f"wrote {a.out}/image_toy.json and grids in {timing['total_s']:.0f}s")
