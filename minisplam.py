@@ -110,17 +110,22 @@ def x0_from_eps(x, eps, alpha, sigma):
     return (x - sigma * eps) / alpha
 
 
+def check_prediction_type(prediction_type: str) -> str:
+    """SPLAM distils eps- and v-prediction teachers; anything else is refused here, once."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UsageError(f"unsupported prediction_type {prediction_type!r}: SPLAM needs an "
+                         "'epsilon' or 'v_prediction' teacher")
+    return prediction_type
+
+
 def eps_from_output(output, x, alpha, sigma, prediction_type: str):
     """Turn a network's raw output into eps (Eq. 14 form) for 'epsilon' or 'v_prediction'.
 
     For v = alpha * eps - sigma * x0 (Salimans & Ho) on a VP point: eps = sigma * x + alpha * v.
     """
-    if prediction_type == "epsilon":
+    if check_prediction_type(prediction_type) == "epsilon":
         return output
-    if prediction_type == "v_prediction":
-        return sigma * x + alpha * output
-    raise ValueError(f"unsupported prediction_type {prediction_type!r}: SPLAM needs an "
-                     "'epsilon' or 'v_prediction' teacher")
+    return sigma * x + alpha * output
 
 
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
@@ -490,10 +495,7 @@ def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusi
     src = resolve_teacher(path_or_id)
     try:
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
-        pred = scheduler.config.prediction_type
-        if pred not in ("epsilon", "v_prediction"):
-            raise UsageError(f"the teacher's prediction_type is {pred!r}: SPLAM distils 'epsilon' or "
-                             "'v_prediction' teachers only")
+        pred = check_prediction_type(scheduler.config.prediction_type)
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
@@ -633,7 +635,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         i, crop_seed = key
         name, text = self.items[i]
         px = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
-        return None if px is None else {"pixels": px, "text": text}
+        return {"pixels": px, "text": text}                  # pixels None: corrupt, counted as skipped
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -642,11 +644,14 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __init__(self, n, batch, seed, start_step, rank=0, world=1):
         self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start_step, rank, world
+        self._epoch, self._perm = None, None
 
     def _index(self, pos):
         epoch, i = divmod(pos, self.n)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        return int(perm[i])
+        if epoch != self._epoch:                             # one permutation per epoch, not per sample
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[i]
 
     def __iter__(self):
         step = self.start
@@ -660,8 +665,8 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def collate_skip_corrupt(items):
-    """Drop corrupt images (None, or pixels None) and report how many were skipped."""
-    good = [it for it in items if it is not None and it["pixels"] is not None]
+    """Drop corrupt images (pixels None) and report how many were skipped."""
+    good = [it for it in items if it["pixels"] is not None]
     out = {"skipped": len(items) - len(good), "pixels": None, "text": [it["text"] for it in good]}
     if good:
         out["pixels"] = torch.stack([it["pixels"] for it in good])

@@ -128,8 +128,7 @@ def load_teacher(path_or_id, device="cpu"):
         sch = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler" if (Path(path_or_id) / "scheduler").is_dir() else None)
     except OSError as e:
         raise ms.UsageError(f"could not load the teacher {path_or_id!r} ({e})") from e
-    pred = sch.config.prediction_type
-    ms.eps_from_output(torch.zeros(1), torch.zeros(1), 1.0, 0.0, pred)          # refuses unsupported types
+    pred = ms.check_prediction_type(sch.config.prediction_type)
     n = unet.config.num_class_embeds
     return unet.eval().requires_grad_(False).to(device), ms.vp_schedule(sch.alphas_cumprod).to(device), pred, \
         (None if n is None else n - 1), dict(sch.config)
@@ -167,7 +166,8 @@ def poly_sigmas(n_steps: int, sig_min: float, sig_max: float, rho: float = 7.0) 
 
 
 class EDMEps:
-    """eps(x~, sigma~) of the guided teacher, with the UNet's mid-block feature kept for AMED."""
+    """eps(x~, sigma~) of the guided teacher, with the UNet's mid-block feature kept for AMED.
+    `labels` / `null` cover the largest batch; a smaller batch uses their first entries."""
 
     def __init__(self, unet, view: EDMView, pred, labels, null, w):
         self.unet, self.view, self.pred, self.labels, self.null, self.w = unet, view, pred, labels, null, w
@@ -189,7 +189,9 @@ class EDMEps:
             aa, ss = alpha.repeat(len(xx) // len(x), 1, 1, 1), sigma.repeat(len(xx) // len(x), 1, 1, 1)
             return ms.eps_from_output(self.unet(xx, tt, **kw).sample, xx, aa, ss, self.pred)
 
-        eps = ms.guided_eps(teacher, x, t, self.labels, self.null, self.w)
+        n = len(x)
+        labels, null = (None, None) if self.labels is None else (self.labels[:n], self.null[:n])
+        eps = ms.guided_eps(teacher, x, t, labels, null, self.w)
         self.h = self.h[: len(x)]                                             # conditional half
         return eps
 
@@ -371,14 +373,15 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
     student = ms.GammaUNet(copy.deepcopy(teacher_unet).requires_grad_(True).train(), cond_arg="class_labels")
     target = copy.deepcopy(student).requires_grad_(False).eval()
     teacher = ms.unet_eps(teacher_unet, sched, pred, cond_arg="class_labels")
+    student_eps, target_eps = ms.unet_eps(student, sched, pred), ms.unet_eps(target, sched, pred)
+    conditional = teacher_unet.config.num_class_embeds is not None          # else: no labels at all, w = 1
+    null = torch.full((batch,), n_classes, device=device) if conditional else None
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
     for _ in range(iters):
         i = torch.randint(0, len(x), (batch,), generator=g, device=device).cpu()
-        conditional = teacher_unet.config.num_class_embeds is not None      # else: no labels at all, w = 1
-        null = torch.full((batch,), n_classes, device=device) if conditional else None
-        loss = ms.splad_loss(ms.unet_eps(student, sched, pred), ms.unet_eps(target, sched, pred), teacher,
-                             x[i].to(device), y[i].to(device) if conditional else None, null, sched, cfg, g)
+        loss = ms.splad_loss(student_eps, target_eps, teacher, x[i].to(device),
+                             y[i].to(device) if conditional else None, null, sched, cfg, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
@@ -498,7 +501,7 @@ def main(argv=None):
         sig = schedules[a.amed_schedule](steps)
         edm_train = EDMEps(unet, view, pred, None if tc is None else (torch.arange(a.amed_train) % n_classes).to(dev),
                            None if tc is None else torch.full((a.amed_train,), n_classes, device=dev), w)
-        g_phi, n_par, secs = train_amed(_batched(edm_train, a.batch), unet.config.block_out_channels[-1], sig, afs,
+        g_phi, n_par, secs = train_amed(edm_train, unet.config.block_out_channels[-1], sig, afs,
                                         tuple(x.shape[1:]), a.amed_train, a.batch, a.amed_epochs, a.amed_M, a.seed,
                                         device=dev)
         edm_train.hook.remove()
@@ -562,24 +565,6 @@ def main(argv=None):
         print(f"NFE {n}: best FD-proxy is {m}")
     print(f"wrote {a.out}/image_toy.json and grids in {timing['total_s']:.0f}s")
     return report
-
-
-def _batched(eps_obj, batch):
-    """EDMEps whose labels are sliced to the current batch (AMED training runs over several batches)."""
-    full_labels, full_null = eps_obj.labels, eps_obj.null
-
-    class Sliced:
-        h = None
-
-        def __call__(self, x_tilde, sig):
-            n = len(x_tilde)
-            eps_obj.labels = None if full_labels is None else full_labels[:n]
-            eps_obj.null = None if full_null is None else full_null[:n]
-            out = eps_obj(x_tilde, sig)
-            self.h = eps_obj.h
-            return out
-
-    return Sliced()
 
 
 if __name__ == "__main__":
