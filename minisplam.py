@@ -37,6 +37,7 @@ where t is a LongTensor of integer timesteps (one per sample). Wrappers for netw
 that predict v (SD 2.x-768) convert to eps before it reaches these functions.
 """
 
+import io
 import json
 import math
 import os
@@ -594,7 +595,7 @@ def load_image(path_or_file, resolution: int, crop_seed=None):
     if crop_seed is None:
         left, top = (w - resolution) // 2, (h - resolution) // 2
     else:
-        g = torch.Generator().manual_seed(int(crop_seed))
+        g = torch.Generator().manual_seed(int(crop_seed) % 2**63)
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
     import numpy as np
@@ -673,22 +674,65 @@ def collate_skip_corrupt(items):
     return out
 
 
-def webdataset_batches(urls: str, resolution: int, batch: int, seed: int):
-    """LAION / CC12M style tar shards (image + .txt caption) through the optional `webdataset` package."""
+class ShardStream(torch.utils.data.IterableDataset):
+    """LAION / CC12M style tar shards (image + .txt caption), read with the optional `webdataset` package, as an
+    endless stream of batches (one pass over the shards per epoch, in shard order).
+
+    The shards are dealt to world x W streams (W = max(1, loader workers)). The DataLoader takes batches from its
+    workers in turn, so global batch p of a rank comes from stream p % W. A run resumed at batch `start` therefore
+    lets its worker j play stream (start + j) % W and skip that stream's first (start + j) // W batches (read, not
+    decoded): the resumed run sees exactly the batches the uninterrupted one would have seen."""
+
+    def __init__(self, urls: str, resolution: int, batch: int, seed: int, random_crop: bool = False,
+                 start: int = 0, rank: int = 0, world: int = 1, workers: int = 0):
+        super().__init__()
+        wds = _webdataset()
+        self.shards = list(wds.shardlists.expand_urls(urls))
+        self.W = max(1, workers)
+        if len(self.shards) < world * self.W:
+            raise UsageError(f"{len(self.shards)} shard(s) in {urls!r} cannot feed {world} rank(s) x {self.W} loader "
+                             f"worker(s): pass at least {world * self.W} shards, or fewer --num-workers")
+        self.resolution, self.batch, self.seed, self.random_crop = resolution, batch, seed, random_crop
+        self.start, self.rank, self.world = start, rank, world
+
+    def _decode(self, sample, crop_seed):
+        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+        text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
+        px = load_image(io.BytesIO(sample[key]), self.resolution, crop_seed) if key and text else None
+        return {"pixels": px, "text": text}                       # pixels None: counted as skipped
+
+    def __iter__(self):
+        wds = _webdataset()
+        info = torch.utils.data.get_worker_info()
+        j = info.id if info else 0
+        stream = ((self.start + j) % self.W) * self.world + self.rank
+        shards = self.shards[stream::self.world * self.W]
+
+        def samples():                                              # endless: one pass over `shards` per epoch
+            while True:
+                n = 0
+                read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+                for n, sample in enumerate(read({"url": u} for u in shards), 1):
+                    yield sample
+                if n == 0:
+                    raise UsageError(f"the shards {shards} hold no samples")
+
+        raw = enumerate(samples())
+        for _ in range((self.start + j) // self.W * self.batch):   # resume: skip what this stream already gave
+            next(raw)
+        while True:
+            chunk = [next(raw) for _ in range(self.batch)]
+            yield collate_skip_corrupt([
+                self._decode(sample, (self.seed * 1_000_003 + stream) * 1_000_000_007 + k if self.random_crop else None)
+                for k, sample in chunk])
+
+
+def _webdataset():
     try:
-        import webdataset as wds
+        import webdataset
     except ImportError as e:
         raise UsageError("webdataset shards need the optional package: pip install webdataset") from e
-    import io
-
-    def decode(sample):
-        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        text = sample.get("txt", b"").decode("utf-8", "replace").strip() if "txt" in sample else ""
-        px = load_image(io.BytesIO(sample[key]), resolution) if key and text else None
-        return {"pixels": px, "text": text}          # pixels None: counted as skipped (webdataset drops None)
-
-    ds = wds.WebDataset(urls, shardshuffle=False, seed=seed).map(decode, handler=wds.warn_and_continue)
-    return torch.utils.data.DataLoader(ds, batch_size=batch, collate_fn=collate_skip_corrupt)
+    return webdataset
 
 
 def is_webdataset(spec: str) -> bool:
@@ -701,7 +745,7 @@ def is_webdataset(spec: str) -> bool:
 
 # settings that may differ between a run and its resumption
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir",
-                  "validation_prompts"}
+                  "validation_prompts", "world_size"}
 
 
 def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, keep: int = 2) -> Path:
@@ -757,6 +801,15 @@ def _dist_setup():
     return dist.get_rank(), world, dev
 
 
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over the DDP ranks (x itself in a single process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    x = x.clone()
+    torch.distributed.all_reduce(x)
+    return x / torch.distributed.get_world_size()
+
+
 def _validation_grid(sd, model_eps, prompts, resolution, device, seed=0):
     """Rows: prompts; columns: 1, 2, 4 steps (gamma = 1, fixed seed)."""
     cond = encode_prompts(sd, prompts, device)
@@ -787,7 +840,8 @@ def save_grid(images, ncol: int, path: Path):
 def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, pixels, prompts, uncond1,
             generator, low_dtype=torch.float32, max_grad_norm: float = 10.0) -> torch.Tensor:
     """One iteration of Alg. 1 on Stable Diffusion. `online` is the student, or its DDP wrapper.
-    Returns the loss (detached); a non-finite loss raises FloatingPointError before any update."""
+    Returns the loss (detached, averaged over DDP ranks); a non-finite loss raises FloatingPointError before
+    any update."""
     dev = uncond1.device
     with torch.no_grad():
         px = pixels.to(dev, low_dtype)
@@ -799,14 +853,15 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
         loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type), unet_eps(target, sd.sched, sd.prediction_type),
                           unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype),
                           z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()}")
+    loss_mean = _mean_over_ranks(loss.detach())             # the logged loss; a NaN on any rank stops every rank
+    if not torch.isfinite(loss_mean):
+        raise FloatingPointError(f"loss became {loss_mean.item()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)              # Appendix A: 10
     opt.step()
     ema_update(target, student, cfg.ema_mu)                                           # Alg. 1, last line
-    return loss.detach()
+    return loss_mean
 
 
 def make_student(sd_path: str, device, gradient_checkpointing: bool = False):
@@ -832,7 +887,7 @@ def train(args) -> dict:
     resolve_teacher(args.teacher)                                            # fail early on a bad path
     rank, world, device = _dist_setup()
     run = Path(args.output_dir)
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "world_size": world}
 
     # --- resume check before any heavy work -------------------------------------------
     ckpt = None
@@ -845,6 +900,11 @@ def train(args) -> dict:
         if diff:
             raise UsageError(f"--resume: {run} was trained with different settings: " +
                              ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff))
+        layout = ["world_size"] + (["num_workers"] if is_webdataset(args.data) else [])   # these deal out the data
+        moved = [f"{k}={old.get(k)!r} (now {settings[k]!r})" for k in layout if old.get(k) != settings[k]]
+        if moved and rank == 0:
+            print(f"warning: resuming with {', '.join(moved)}: the run goes on, but its batches differ from an "
+                  "uninterrupted run's", file=sys.stderr)
         ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UsageError(f"--resume: {run} has no complete checkpoint yet")
@@ -852,11 +912,13 @@ def train(args) -> dict:
         raise UsageError(f"{run} already holds a run: pass --resume to continue it, or choose a new --output-dir")
 
     # --- data ----------------------------------------------------------------------------
+    start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0   # batches consumed so far
     if is_webdataset(args.data):
-        loader = webdataset_batches(args.data, args.resolution, args.batch_size, args.seed)
+        loader = torch.utils.data.DataLoader(
+            ShardStream(args.data, args.resolution, args.batch_size, args.seed, args.random_crop, start, rank, world,
+                        args.num_workers), batch_size=None, num_workers=args.num_workers)
     else:
         ds = ImageCaptionFolder(args.data, args.resolution, args.random_crop)
-        start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0
         loader = torch.utils.data.DataLoader(
             ds, batch_sampler=StepBatches(len(ds), args.batch_size, args.seed, start, rank, world),
             collate_fn=collate_skip_corrupt, num_workers=args.num_workers)
@@ -897,7 +959,8 @@ def train(args) -> dict:
         batch = next(it)
         data_pos += 1
         skipped += batch["skipped"]
-        if batch["pixels"] is None:
+        empty = torch.tensor(float(batch["pixels"] is None), device=device)
+        if _mean_over_ranks(empty) > 0:        # every image of a batch was corrupt: all ranks skip it together
             continue
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
         try:

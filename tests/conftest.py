@@ -11,3 +11,9 @@ def sched():
     import minisplam as ms
 
     return ms.sd_schedule()
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng():
+    """Tests that draw from torch's global generator get the same numbers on every machine and in any order."""
+    torch.manual_seed(0)

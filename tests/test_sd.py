@@ -163,18 +163,62 @@ def test_sample_cli_writes_images_and_grid(teacher, data, tmp_path):
     assert Image.open(out / "grid.png").size == (48, 16)
 
 
-def test_webdataset_shards_train_and_skip_corrupt(teacher, tmp_path):
-    shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tf:
-        for i, (payload, text) in enumerate([(_png((255, 0, 0)), "red"), (b"garbage", "corrupt"),
-                                             (_png((0, 255, 0)), "green"), (_png((0, 0, 255)), "blue")]):
+def _write_shard(path, samples):
+    with tarfile.open(path, "w") as tf:
+        for i, (payload, text) in enumerate(samples):
             for ext, data in (("png", payload), ("txt", text.encode())):
                 info = tarfile.TarInfo(f"{i:05d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-    res = _train(teacher, str(shard), tmp_path / "run", "--max-steps", "1", "--checkpoint-every", "1",
-                 "--validate-every", "0", "--batch-size", "4")
-    assert res["step"] == 1 and res["skipped"] == 1
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """3 shards of 3 samples, captions 's<shard>-<i>'; sample s1-1 is corrupt."""
+    d = tmp_path_factory.mktemp("shards")
+    for s in range(3):
+        _write_shard(d / f"shard-{s:03d}.tar", [(b"garbage" if (s, i) == (1, 1) else _png((80 * s, 60 * i, 100)),
+                                                 f"s{s}-{i}") for i in range(3)])
+    return str(d / "shard-{000..002}.tar")
+
+
+def test_webdataset_shards_train_and_skip_corrupt(teacher, tmp_path):
+    shard = _write_shard(tmp_path / "shard-000.tar", [(_png((255, 0, 0)), "red"), (b"garbage", "corrupt"),
+                                                      (_png((0, 255, 0)), "green"), (_png((0, 0, 255)), "blue")])
+    res = _train(teacher, shard, tmp_path / "run", "--max-steps", "3", "--checkpoint-every", "1",
+                 "--validate-every", "0", "--batch-size", "4")     # 3 steps: the stream repeats past one epoch
+    assert res["step"] == 3 and res["skipped"] == 3
+
+
+def _captions(stream, n):
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=stream.W if stream.W > 1 else 0)
+    it = iter(loader)
+    return [next(it)["text"] for _ in range(n)]
+
+
+def test_shard_stream_resumes_exactly_and_splits_ranks(shards):
+    full = _captions(ms.ShardStream(shards, 16, 2, seed=0, workers=2), 10)           # 10 batches: > 1 epoch
+    w0 = [["s0-0", "s0-1"], ["s0-2", "s2-0"], ["s2-1", "s2-2"]] * 2                # worker 0: shards 0 and 2
+    w1 = [["s1-0"], ["s1-2", "s1-0"], ["s1-2"]] * 2                                  # worker 1: shard 1 (1 corrupt)
+    assert full == [b for pair in zip(w0, w1) for b in pair][:10]                    # the loader takes them in turn
+    for start in (1, 3):                                                             # odd: the workers swap roles
+        assert _captions(ms.ShardStream(shards, 16, 2, seed=0, start=start, workers=2), 10 - start) == full[start:]
+    ranks = [sum(_captions(ms.ShardStream(shards, 16, 3, seed=0, rank=r, world=2), 2), []) for r in (0, 1)]
+    assert {c[:2] for c in ranks[0]} == {"s0", "s2"} and {c[:2] for c in ranks[1]} == {"s1"}
+    with pytest.raises(ms.UsageError, match="fewer --num-workers"):
+        ms.ShardStream(shards, 16, 2, seed=0, world=2, workers=2)
+
+
+def test_webdataset_kill_and_resume_continues_the_same_run(teacher, shards, tmp_path, capsys):
+    args = ("--checkpoint-every", "1", "--validate-every", "0", "--random-crop")
+    full = _train(teacher, shards, tmp_path / "a", "--max-steps", "4", *args, "--num-workers", "2")
+    _train(teacher, shards, tmp_path / "b", "--max-steps", "1", *args, "--num-workers", "2")
+    resumed = _train(teacher, shards, tmp_path / "b", "--max-steps", "4", *args, "--num-workers", "2", "--resume")
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-9)
+    assert "warning" not in capsys.readouterr().err
+    more = _train(teacher, shards, tmp_path / "b", "--max-steps", "5", *args, "--num-workers", "0", "--resume")
+    assert more["step"] == 5 and "num_workers=2 (now 0)" in capsys.readouterr().err   # goes on, says batches differ
 
 
 # --- bad input: clear, early errors --------------------------------------------------------------
@@ -274,18 +318,28 @@ def test_cli_help_runs_as_a_script():
     assert out.returncode == 0 and "--teacher" in out.stdout and "--resume" in out.stdout
 
 
-def test_torchrun_two_processes_ddp(teacher, data, tmp_path):
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_torchrun_two_processes_ddp(source, teacher, data, shards, tmp_path):
     """The multi-GPU path (torchrun + DistributedDataParallel), on CPU with the gloo backend."""
     import os
     import subprocess
     import sys
 
     run = tmp_path / "run"
+    script = tmp_path / "ddp_train.py"                                  # the CLI, plus each rank's logged losses
+    script.write_text(f"import json, sys\n"
+                      f"sys.path.insert(0, {str(Path(ms.__file__).parent)!r})\n"
+                      f"import minisplam as ms\n"
+                      f"res = ms.main(sys.argv[1:])\n"
+                      f"with open(f'{tmp_path}/losses-{{res[\"rank\"]}}.json', 'w') as f:\n"
+                      f"    json.dump(res['losses'], f)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          str(Path(ms.__file__)), "train", "--teacher", teacher, "--data", data,
+                          str(script), "train", "--teacher", teacher, "--data", data if source == "folder" else shards,
                           "--output-dir", str(run), *FAST, "--max-steps", "2", "--checkpoint-every", "2",
                           "--validate-every", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("trained to step 2") == 1                  # rank 0 reports, rank 1 does not
     assert (run / "latest").read_text() == "checkpoint-0000002"
+    losses = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in (0, 1)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2               # logged loss = mean over ranks
