@@ -958,9 +958,10 @@ def train(args) -> dict:
     while step < args.max_steps:
         batch = next(it)
         data_pos += 1
-        skipped += batch["skipped"]
-        empty = torch.tensor(float(batch["pixels"] is None), device=device)
-        if _mean_over_ranks(empty) > 0:        # every image of a batch was corrupt: all ranks skip it together
+        counts = torch.tensor([batch["skipped"], batch["pixels"] is None], dtype=torch.float32, device=device)
+        n_skipped, n_empty = (_mean_over_ranks(counts) * world).round().long().tolist()   # summed over ranks
+        skipped += n_skipped
+        if n_empty:                            # every image of a batch was corrupt: all ranks skip it together
             continue
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
         try:

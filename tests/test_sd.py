@@ -326,13 +326,13 @@ def test_torchrun_two_processes_ddp(source, teacher, data, shards, tmp_path):
     import sys
 
     run = tmp_path / "run"
-    script = tmp_path / "ddp_train.py"                                  # the CLI, plus each rank's logged losses
+    script = tmp_path / "ddp_train.py"                   # the CLI, plus each rank's logged losses and skip count
     script.write_text(f"import json, sys\n"
                       f"sys.path.insert(0, {str(Path(ms.__file__).parent)!r})\n"
                       f"import minisplam as ms\n"
                       f"res = ms.main(sys.argv[1:])\n"
                       f"with open(f'{tmp_path}/losses-{{res[\"rank\"]}}.json', 'w') as f:\n"
-                      f"    json.dump(res['losses'], f)\n")
+                      f"    json.dump([res['losses'], res['skipped']], f)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           str(script), "train", "--teacher", teacher, "--data", data if source == "folder" else shards,
@@ -341,5 +341,8 @@ def test_torchrun_two_processes_ddp(source, teacher, data, shards, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("trained to step 2") == 1                  # rank 0 reports, rank 1 does not
     assert (run / "latest").read_text() == "checkpoint-0000002"
-    losses = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in (0, 1)]
-    assert losses[0] == losses[1] and len(losses[0]) == 2               # logged loss = mean over ranks
+    (loss0, skip0), (loss1, skip1) = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in (0, 1)]
+    assert loss0 == loss1 and len(loss0) == 2                          # logged loss = mean over ranks
+    assert skip0 == skip1 > 0                                           # skipped images: summed over ranks
+    if source == "webdataset":
+        assert skip0 == 1                          # s1-1 (rank 1's shard) read once in 2 steps, counted on rank 0 too
