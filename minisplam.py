@@ -708,6 +708,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         stream = ((self.start + j) % self.W) * self.world + self.rank
         shards = self.shards[stream::self.world * self.W]
 
+        epoch_len = []
+
         def samples():                                              # endless: one pass over `shards` per epoch
             while True:
                 n = 0
@@ -716,15 +718,20 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield sample
                 if n == 0:
                     raise UsageError(f"the shards {shards} hold no samples")
+                epoch_len.append(n)
 
         raw = enumerate(samples())
         for _ in range((self.start + j) // self.W * self.batch):   # resume: skip what this stream already gave
             next(raw)
+        since_good = 0                                              # samples in a row without a usable pair
         while True:
-            chunk = [next(raw) for _ in range(self.batch)]
-            yield collate_skip_corrupt([
-                self._decode(sample, (self.seed * 1_000_003 + stream) * 1_000_000_007 + k if self.random_crop else None)
-                for k, sample in chunk])
+            items = [self._decode(sample, (self.seed * 1_000_003 + stream) * 1_000_000_007 + k
+                                  if self.random_crop else None) for k, sample in (next(raw) for _ in range(self.batch))]
+            for item in items:
+                since_good = 0 if item["pixels"] is not None else since_good + 1
+            if epoch_len and since_good > epoch_len[0]:
+                raise UsageError(f"no readable image with a caption in the shards {shards}")
+            yield collate_skip_corrupt(items)
 
 
 def _webdataset():
@@ -952,7 +959,8 @@ def train(args) -> dict:
 
     uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
-    last = None
+    n_images = len(ds) if not is_webdataset(args.data) else math.inf   # (a ShardStream checks its own shards)
+    last, empty_streak = None, 0
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
     it = iter(loader)
     while step < args.max_steps:
@@ -962,7 +970,11 @@ def train(args) -> dict:
         n_skipped, n_empty = (_mean_over_ranks(counts) * world).round().long().tolist()   # summed over ranks
         skipped += n_skipped
         if n_empty:                            # every image of a batch was corrupt: all ranks skip it together
+            empty_streak += 1
+            if empty_streak * args.batch_size * world > 2 * n_images:          # two epochs' worth, nothing readable
+                raise UsageError(f"none of the images in {args.data} can be read ({skipped} tries): check the files")
             continue
+        empty_streak = 0
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
         try:
             loss = sd_step(sd, online, student, target, opt, cfg, batch["pixels"], batch["text"], uncond1, g,

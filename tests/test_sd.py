@@ -260,6 +260,22 @@ def test_bad_dataset_folders(capsys, teacher, tmp_path, content, msg):
     assert msg in err
 
 
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_dataset_of_only_corrupt_images_is_an_error_not_a_hang(source, capsys, teacher, tmp_path):
+    pairs = [(b"not an image", f"caption {i}") for i in range(3)]
+    if source == "folder":
+        data = tmp_path / "ds"
+        data.mkdir()
+        for i, (payload, text) in enumerate(pairs):
+            (data / f"{i}.png").write_bytes(payload)
+        (data / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": t})
+                                                       for i, (_, t) in enumerate(pairs)))
+    else:
+        data = _write_shard(tmp_path / "only-corrupt.tar", pairs)
+    err = _error(capsys, ["train", "--teacher", teacher, "--data", str(data), "--output-dir", str(tmp_path / "r"), *FAST])
+    assert "can be read" in err if source == "folder" else "no readable image" in err
+
+
 def test_missing_dataset_folder(capsys, teacher, tmp_path):
     err = _error(capsys, ["train", "--teacher", teacher, "--data", str(tmp_path / "none"), "--output-dir",
                           str(tmp_path / "r"), *FAST])
@@ -318,31 +334,49 @@ def test_cli_help_runs_as_a_script():
     assert out.returncode == 0 and "--teacher" in out.stdout and "--resume" in out.stdout
 
 
-@pytest.mark.parametrize("source", ["folder", "webdataset"])
-def test_torchrun_two_processes_ddp(source, teacher, data, shards, tmp_path):
-    """The multi-GPU path (torchrun + DistributedDataParallel), on CPU with the gloo backend."""
+def _torchrun(tmp_path, argv, rank1_setup=""):
+    """`torchrun --nproc_per_node=2` on the CLI (gloo on CPU); each rank writes its result to result-<rank>.json.
+    `rank1_setup` runs on rank 1 before training (to plant a fault)."""
     import os
     import subprocess
     import sys
 
-    run = tmp_path / "run"
-    script = tmp_path / "ddp_train.py"                   # the CLI, plus each rank's logged losses and skip count
-    script.write_text(f"import json, sys\n"
+    script = tmp_path / "ddp_train.py"
+    script.write_text(f"import json, os, sys\n"
                       f"sys.path.insert(0, {str(Path(ms.__file__).parent)!r})\n"
                       f"import minisplam as ms\n"
+                      f"if os.environ['RANK'] == '1':\n"
+                      f"    {rank1_setup or 'pass'}\n"
                       f"res = ms.main(sys.argv[1:])\n"
-                      f"with open(f'{tmp_path}/losses-{{res[\"rank\"]}}.json', 'w') as f:\n"
-                      f"    json.dump([res['losses'], res['skipped']], f)\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          str(script), "train", "--teacher", teacher, "--data", data if source == "folder" else shards,
-                          "--output-dir", str(run), *FAST, "--max-steps", "2", "--checkpoint-every", "2",
-                          "--validate-every", "0"], capture_output=True, text=True, env=env, timeout=600)
+                      f"with open(f'{tmp_path}/result-{{res[\"rank\"]}}.json', 'w') as f:\n"
+                      f"    json.dump(res, f)\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), *argv],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
+@pytest.mark.parametrize("source", ["folder", "webdataset"])
+def test_torchrun_two_processes_ddp(source, teacher, data, shards, tmp_path):
+    """The multi-GPU path (torchrun + DistributedDataParallel), on CPU with the gloo backend."""
+    run = tmp_path / "run"
+    out = _torchrun(tmp_path, ["train", "--teacher", teacher, "--data", data if source == "folder" else shards,
+                               "--output-dir", str(run), *FAST, "--max-steps", "2", "--checkpoint-every", "2",
+                               "--validate-every", "0"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("trained to step 2") == 1                  # rank 0 reports, rank 1 does not
     assert (run / "latest").read_text() == "checkpoint-0000002"
-    (loss0, skip0), (loss1, skip1) = [json.loads((tmp_path / f"losses-{r}.json").read_text()) for r in (0, 1)]
-    assert loss0 == loss1 and len(loss0) == 2                          # logged loss = mean over ranks
-    assert skip0 == skip1 > 0                                           # skipped images: summed over ranks
+    r0, r1 = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
+    assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 2     # logged loss = mean over ranks
+    assert r0["skipped"] == r1["skipped"] > 0                          # skipped images: summed over ranks
     if source == "webdataset":
-        assert skip0 == 1                          # s1-1 (rank 1's shard) read once in 2 steps, counted on rank 0 too
+        assert r0["skipped"] == 1                  # s1-1 (rank 1's shard) read once in 2 steps, counted on rank 0 too
+
+
+def test_torchrun_nan_on_one_rank_stops_every_rank(teacher, data, tmp_path):
+    run = tmp_path / "run"
+    nan_on_2nd_call = ("real = ms.splad_loss; n = []; "
+                       "ms.splad_loss = lambda *a, **k: real(*a, **k) * (float('nan') if n.append(1) or len(n) == 2 else 1)")
+    out = _torchrun(tmp_path, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(run), *FAST,
+                               "--max-steps", "4", "--checkpoint-every", "1", "--validate-every", "0"], nan_on_2nd_call)
+    assert out.returncode != 0 and not list(tmp_path.glob("result-*.json"))   # both stopped (and did not hang)
+    assert "nan at step 1" in out.stderr and "checkpoint-0000001" in out.stderr
+    assert (run / "latest").read_text() == "checkpoint-0000001"
