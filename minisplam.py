@@ -708,17 +708,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         stream = ((self.start + j) % self.W) * self.world + self.rank
         shards = self.shards[stream::self.world * self.W]
 
-        epoch_len = []
+        read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+        epoch_len = None                                            # samples per pass, known after the first
 
         def samples():                                              # endless: one pass over `shards` per epoch
+            nonlocal epoch_len
             while True:
                 n = 0
-                read = wds.tarfile_to_samples(handler=wds.warn_and_continue)
                 for n, sample in enumerate(read({"url": u} for u in shards), 1):
                     yield sample
                 if n == 0:
                     raise UsageError(f"the shards {shards} hold no samples")
-                epoch_len.append(n)
+                epoch_len = n
 
         raw = enumerate(samples())
         for _ in range((self.start + j) // self.W * self.batch):   # resume: skip what this stream already gave
@@ -729,7 +730,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                   if self.random_crop else None) for k, sample in (next(raw) for _ in range(self.batch))]
             for item in items:
                 since_good = 0 if item["pixels"] is not None else since_good + 1
-            if epoch_len and since_good > epoch_len[0]:
+            if epoch_len and since_good > epoch_len:
                 raise UsageError(f"no readable image with a caption in the shards {shards}")
             yield collate_skip_corrupt(items)
 
@@ -895,6 +896,7 @@ def train(args) -> dict:
     rank, world, device = _dist_setup()
     run = Path(args.output_dir)
     settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "world_size": world}
+    shards = is_webdataset(args.data)
 
     # --- resume check before any heavy work -------------------------------------------
     ckpt = None
@@ -907,7 +909,7 @@ def train(args) -> dict:
         if diff:
             raise UsageError(f"--resume: {run} was trained with different settings: " +
                              ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff))
-        layout = ["world_size"] + (["num_workers"] if is_webdataset(args.data) else [])   # these deal out the data
+        layout = ["world_size"] + (["num_workers"] if shards else [])                     # these deal out the data
         moved = [f"{k}={old.get(k)!r} (now {settings[k]!r})" for k in layout if old.get(k) != settings[k]]
         if moved and rank == 0:
             print(f"warning: resuming with {', '.join(moved)}: the run goes on, but its batches differ from an "
@@ -920,12 +922,14 @@ def train(args) -> dict:
 
     # --- data ----------------------------------------------------------------------------
     start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0   # batches consumed so far
-    if is_webdataset(args.data):
+    if shards:
         loader = torch.utils.data.DataLoader(
             ShardStream(args.data, args.resolution, args.batch_size, args.seed, args.random_crop, start, rank, world,
                         args.num_workers), batch_size=None, num_workers=args.num_workers)
+        n_images = math.inf                                       # a ShardStream checks its own shards are readable
     else:
         ds = ImageCaptionFolder(args.data, args.resolution, args.random_crop)
+        n_images = len(ds)
         loader = torch.utils.data.DataLoader(
             ds, batch_sampler=StepBatches(len(ds), args.batch_size, args.seed, start, rank, world),
             collate_fn=collate_skip_corrupt, num_workers=args.num_workers)
@@ -959,7 +963,6 @@ def train(args) -> dict:
 
     uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
-    n_images = len(ds) if not is_webdataset(args.data) else math.inf   # (a ShardStream checks its own shards)
     last, empty_streak = None, 0
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
     it = iter(loader)
@@ -1008,6 +1011,18 @@ def train(args) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
+def load_run(run_dir, device="cpu") -> StableDiffusion:
+    """A training run: its teacher's parts, with sd.unet holding the EMA student's weights (gamma path attached,
+    zero at gamma = 1)."""
+    run = Path(run_dir)
+    ckpt = latest_checkpoint(run)
+    if not (run / "config.json").is_file() or ckpt is None:
+        raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
+    sd = load_sd(json.loads((run / "config.json").read_text())["teacher"], device)
+    load_weights(GammaUNet(sd.unet), ckpt / "target.safetensors")
+    return sd
+
+
 def load_distilled(model_dir: str, device="cpu"):
     """An exported pipeline directory, or a training run (its EMA student at gamma = 1).
     Returns (StableDiffusion with the distilled UNet, eps callable)."""
@@ -1015,9 +1030,7 @@ def load_distilled(model_dir: str, device="cpu"):
     if (p / "model_index.json").is_file():
         sd = load_sd(str(p), device)
     elif (p / "config.json").is_file() and latest_checkpoint(p) is not None:
-        sd = load_sd(json.loads((p / "config.json").read_text())["teacher"], device)
-        student = GammaUNet(sd.unet)
-        load_weights(student, latest_checkpoint(p) / "target.safetensors")
+        sd = load_run(p, device)
     else:
         raise UsageError(f"{p} is neither an exported pipeline (model_index.json) nor a training run "
                          "with a checkpoint (config.json + latest)")
@@ -1045,17 +1058,11 @@ def export(run_dir: str, out_dir: str):
     weights, LCMScheduler; sample it at guidance_scale=1 (the distilled w is baked in)."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    run = Path(run_dir)
-    ckpt = latest_checkpoint(run)
-    if not (run / "config.json").is_file() or ckpt is None:
-        raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
-    sd = load_sd(json.loads((run / "config.json").read_text())["teacher"])
-    student = GammaUNet(sd.unet)
-    load_weights(student, ckpt / "target.safetensors")
+    sd = load_run(run_dir)
     scheduler = LCMScheduler.from_config(sd.scheduler_config, timestep_scaling=10.0, original_inference_steps=50,
                                          clip_sample=False)
     pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                                   unet=student.unet, scheduler=scheduler, safety_checker=None,
+                                   unet=sd.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

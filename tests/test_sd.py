@@ -2,6 +2,9 @@
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -302,8 +305,6 @@ def test_resume_with_different_config_or_no_run(capsys, teacher, data, tmp_path)
 
 
 def test_8bit_adam_without_bitsandbytes(capsys, teacher, data, tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     err = _error(capsys, ["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path / "r"),
                           *FAST, "--use-8bit-adam"])
@@ -327,9 +328,6 @@ def test_gamma_unet_is_the_teacher_at_gamma_one(teacher):
 
 
 def test_cli_help_runs_as_a_script():
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, str(Path(ms.__file__)), "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--teacher" in out.stdout and "--resume" in out.stdout
 
@@ -337,10 +335,6 @@ def test_cli_help_runs_as_a_script():
 def _torchrun(tmp_path, argv, rank1_setup=""):
     """`torchrun --nproc_per_node=2` on the CLI (gloo on CPU); each rank writes its result to result-<rank>.json.
     `rank1_setup` runs on rank 1 before training (to plant a fault)."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "ddp_train.py"
     script.write_text(f"import json, os, sys\n"
                       f"sys.path.insert(0, {str(Path(ms.__file__).parent)!r})\n"
