@@ -265,9 +265,14 @@ OBJECTIVES = {
 
 
 # ----------------------------------------------------------------------------------------
-# 5. The gamma embedding (Sec. 4.2, SPLAD paragraph and end of the section)
+# 5. The gamma path (Sec. 4.2, SPLAD paragraph and end of the section)
 # ----------------------------------------------------------------------------------------
-
+# The paper feeds a Fourier embedding of gamma "into the models as an input". As in the
+# authors' script (and LCM's w embedding) it enters at the *input* of the time MLP:
+# diffusers' TimestepEmbedding computes linear_2(act(linear_1(phi_t + cond_proj(c)))), and
+# c = phi(gamma) - phi(1) goes in through its bias-free `cond_proj` (UNet `timestep_cond`).
+# cond_proj starts at zero, and c = 0 at gamma = 1, so at gamma = 1 (all of sampling, Eq. 19)
+# the student is EXACTLY the teacher's architecture for any trained weights.
 
 def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of a scalar per sample (as for timesteps / LCM's w embedding)."""
@@ -277,32 +282,33 @@ def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> 
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
-class GammaEmbedding(nn.Module):
-    """gamma -> a vector added to the network's timestep embedding (Sec. 4.2, SPLAD).
+def _smooth(n):  # [sin(pi j gamma), cos(pi j gamma)], j = 1..n: periods >= 2/n in gamma
+    return lambda g: torch.cat([torch.sin(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device)),
+                                torch.cos(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device))], -1)
 
-    emb(gamma) = W (phi(gamma) - phi(1)) with phi(gamma) = [sin(pi j gamma), cos(pi j gamma)],
-    j = 1..num_freqs, and W zero-initialised and bias-free:
-      * emb(1) is EXACTLY zero for any trained W, so at gamma = 1 (all of sampling, Eq. 19)
-        the student is the teacher's architecture and this module can be discarded;
-      * emb is smooth in gamma (frequencies <= pi num_freqs), so the gamma -> 1 training
-        points teach the network what it will do at gamma = 1. Timestep-style features of
-        1000 gamma (periods down to 2 pi / 1000) would make gamma = 1 an isolated point
-        that training never reaches: the 2D toy showed a 10-40x larger loss there.
-    """
 
-    def __init__(self, out_dim: int, num_freqs: int = 16):
-        super().__init__()
-        self.register_buffer("freqs", math.pi * torch.arange(1, num_freqs + 1).float(), persistent=False)
-        self.proj = nn.Linear(2 * num_freqs, out_dim, bias=False)
-        nn.init.zeros_(self.proj.weight)
+def _authors(g):  # the authors' script: index 10 - 10 gamma through LCM's x1000 w embedding (256 dims)
+    from diffusers.models.embeddings import get_timestep_embedding
+    return get_timestep_embedding(1000 * (10 - 10 * g), 256, flip_sin_to_cos=False, downscale_freq_shift=1)
 
-    def features(self, gamma: torch.Tensor) -> torch.Tensor:
-        args = gamma.float()[:, None] * self.freqs[None]
-        return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
-    def forward(self, gamma: torch.Tensor) -> torch.Tensor:
-        phi = self.features(gamma) - self.features(torch.ones_like(gamma))
-        return self.proj(phi.to(self.proj.weight.dtype))
+# name -> (phi, feature dim). 'fourier16' was this project's first choice; 'fourier4' is the
+# low-frequency set; 'authors' has periods down to 2 pi / 10^4 in gamma: gamma = 1 is then an
+# isolated point that the gamma ~ U[0, 1] draws never come near (toy/study.py measures all three).
+GAMMA_FEATURES = {"fourier16": (_smooth(16), 32), "fourier4": (_smooth(4), 8), "authors": (_authors, 256)}
+
+
+def gamma_features(gamma: torch.Tensor, kind: str = "fourier4") -> torch.Tensor:
+    """c(gamma) = phi(gamma) - phi(1): the UNet's `timestep_cond`, exactly 0 at gamma = 1."""
+    phi, _ = GAMMA_FEATURES[kind]
+    g = gamma.float()
+    return phi(g) - phi(torch.ones_like(g))
+
+
+def zero_gamma_path(time_embedding: nn.Module) -> nn.Module:
+    """Zero-initialise the bias-free cond_proj of a diffusers TimestepEmbedding: the student starts as the teacher."""
+    nn.init.zeros_(time_embedding.cond_proj.weight)
+    return time_embedding
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,6 +328,8 @@ class SPLADConfig:
     loss: str = "huber"               # "huber" (c = huber_c) or "l2"
     huber_c: float = 0.001
     ema_mu: float = 0.95
+    gamma_one_share: float = 0.0      # share of draws at exactly gamma = 1 (0: the paper's U[0, 1])
+    gamma_features: str = "fourier4"  # phi(gamma) fed as timestep_cond: a key of GAMMA_FEATURES
     T: int = 1000
 
     def __post_init__(self):
@@ -341,6 +349,10 @@ class SPLADConfig:
                              "note w = 1 + LCM's omega")
         if not 0 <= self.ema_mu < 1:
             raise UsageError(f"ema_mu={self.ema_mu} must be in [0, 1)")
+        if self.gamma_features not in GAMMA_FEATURES:
+            raise UsageError(f"gamma_features must be one of {sorted(GAMMA_FEATURES)}, got {self.gamma_features!r}")
+        if not 0 <= self.gamma_one_share <= 1:
+            raise UsageError(f"gamma_one_share={self.gamma_one_share} must be in [0, 1]")
 
     @property
     def solver_step(self) -> int:
@@ -351,6 +363,17 @@ def sample_timesteps(batch: int, cfg: SPLADConfig, generator=None, device="cpu")
     """t on LCM's k_phi grid {k_phi-1, 2 k_phi-1, ..., T-1}; t - k < 0 is the t = 0 boundary."""
     n = torch.randint(0, cfg.T // cfg.k_phi, (batch,), generator=generator, device=device)
     return (n + 1) * cfg.k_phi - 1
+
+
+def sample_gamma(batch: int, cfg: SPLADConfig, generator=None, device="cpu") -> torch.Tensor:
+    """gamma ~ U[0, 1] (Alg. 1), a share `gamma_one_share` of it set to exactly 1; all ones for LCM."""
+    if not OBJECTIVES[cfg.objective][1]:
+        return torch.ones(batch, device=device)
+    gamma = torch.rand(batch, generator=generator, device=device)
+    if cfg.gamma_one_share > 0:
+        ones = torch.rand(batch, generator=generator, device=device) < cfg.gamma_one_share
+        gamma = torch.where(ones, torch.ones_like(gamma), gamma)
+    return gamma
 
 
 def distance(pred, target, cfg: SPLADConfig):
@@ -368,11 +391,10 @@ def splad_loss(student, target, teacher, x0, cond, uncond, sched: VPSchedule, cf
     teacher(x, t, cond) is the frozen diffusion model. Returns the scalar loss.
     """
     B, dev = x0.shape[0], x0.device
-    point_fn, gamma_varies = OBJECTIVES[cfg.objective]
+    point_fn = OBJECTIVES[cfg.objective][0]
     t = sample_timesteps(B, cfg, generator, dev)                              # t ~ U(grid)
     s = (t - cfg.k).clamp(min=0)                                              # t - k (0 = boundary)
-    gamma = (torch.rand(B, generator=generator, device=dev) if gamma_varies   # gamma ~ U[0, 1]
-             else torch.ones(B, device=dev))
+    gamma = sample_gamma(B, cfg, generator, dev)                              # gamma ~ U[0, 1]
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     alpha_t, sigma_t = alpha_sigma(sched, t, x0)
     alpha_s, sigma_s = alpha_sigma(sched, s, x0)
@@ -510,41 +532,39 @@ def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusi
                            vp_schedule(scheduler.alphas_cumprod).to(device), pred)
 
 
-class GammaUNet(nn.Module):
-    """The student: the teacher's UNet + the gamma path (Sec. 4.2).
-
-    GammaEmbedding(gamma) is added to the output of `unet.time_embedding`, the same place as
-    the timestep embedding. At gamma = 1 it adds exactly zero, so `self.unet` alone is the
-    distilled model (what `export` saves). `cond_arg` names the UNet's conditioning input:
-    'encoder_hidden_states' (SD's UNet2DConditionModel) or 'class_labels' (UNet2DModel).
-    """
-
-    def __init__(self, unet: nn.Module, cond_arg: str = "encoder_hidden_states"):
-        super().__init__()
-        self.unet, self.cond_arg = unet, cond_arg
-        self.gamma_emb = GammaEmbedding(unet.time_embedding.linear_2.out_features)
-        self._gamma = None
-        unet.time_embedding.register_forward_hook(self._add_gamma)
-
-    def _add_gamma(self, module, inputs, out):
-        return out if self._gamma is None else out + self.gamma_emb(self._gamma).to(out.dtype)
-
-    def forward(self, x, t, cond, gamma=None):
-        self._gamma = gamma
-        try:
-            return self.unet(x, t, **{self.cond_arg: cond}).sample
-        finally:
-            self._gamma = None
+def add_gamma_path(unet: nn.Module, kind: str = "fourier4") -> nn.Module:
+    """The student: a copy of the teacher UNet built with diffusers' `time_cond_proj_dim` (Sec. 4.2), so that
+    gamma_features(gamma) enters as `timestep_cond` through the zero-initialised, bias-free cond_proj."""
+    dim = GAMMA_FEATURES[kind][1]
+    student = type(unet).from_config({**unet.config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or missing != ["time_embedding.cond_proj.weight"]:
+        raise ValueError(f"cannot add the gamma path to this UNet (missing {missing}, unexpected {unexpected})")
+    zero_gamma_path(student.time_embedding)
+    return student.to(unet.device, unet.dtype)
 
 
-def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states"):
-    """Wrap a UNet (or GammaUNet) as minisplam's eps callable; v-prediction is converted (Eq. 14 form)."""
-    is_student = isinstance(getattr(net, "module", net), GammaUNet)
+def drop_gamma_path(student: nn.Module) -> nn.Module:
+    """The teacher's architecture with the student's weights: its output equals the student's at gamma = 1."""
+    config = {k: v for k, v in student.config.items() if k != "time_cond_proj_dim"}
+    unet = type(student).from_config({**config, "time_cond_proj_dim": None})
+    unet.load_state_dict({k: v for k, v in student.state_dict().items() if "cond_proj" not in k}, strict=True)
+    return unet.to(student.device, student.dtype)
+
+
+def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states",
+             gamma_kind: str = None):
+    """Wrap a diffusers UNet as minisplam's eps callable eps(x, t, cond, gamma=None); v-prediction is converted
+    (Eq. 14 form). With gamma_kind, gamma enters as `timestep_cond` (the student, see add_gamma_path)."""
 
     def eps(x, t, cond, gamma=None):
         xi = x if dtype is None else x.to(dtype)
-        ci = cond if dtype is None or not torch.is_floating_point(cond) else cond.to(dtype)
-        out = net(xi, t, ci, gamma) if is_student else net(xi, t, **{cond_arg: ci}).sample
+        kw = {cond_arg: cond if dtype is None or not torch.is_floating_point(cond) else cond.to(dtype)}
+        if cond_arg != "encoder_hidden_states":
+            kw["encoder_hidden_states"] = None
+        if gamma_kind is not None and gamma is not None:
+            kw["timestep_cond"] = gamma_features(gamma, gamma_kind).to(x.device, xi.dtype)
+        out = net(xi, t, **kw).sample
         alpha, sigma = alpha_sigma(sched, t, x)
         return eps_from_output(out.float(), x, alpha, sigma, prediction_type)
 
@@ -858,7 +878,9 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
     uncond = uncond1.float().expand_as(cond)
     amp = torch.autocast(dev.type, dtype=low_dtype, enabled=low_dtype != torch.float32)
     with amp:
-        loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type), unet_eps(target, sd.sched, sd.prediction_type),
+        kind = cfg.gamma_features
+        loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind),
+                          unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind),
                           unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype),
                           z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
     loss_mean = _mean_over_ranks(loss.detach())             # the logged loss; a NaN on any rank stops every rank
@@ -872,16 +894,16 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
     return loss_mean
 
 
-def make_student(sd_path: str, device, gradient_checkpointing: bool = False):
-    """Student = teacher weights + the gamma path; target = its EMA copy (theta^- <- theta)."""
+def make_student(sd_path: str, device, gamma_kind: str, gradient_checkpointing: bool = False):
+    """Student = teacher weights + the gamma path (fp32); target = its EMA copy (theta^- <- theta)."""
     import copy as _copy
 
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(resolve_teacher(sd_path), subfolder="unet")
+    student = add_gamma_path(unet, gamma_kind).to(device).train()
     if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    student = GammaUNet(unet).to(device).train()
+        student.enable_gradient_checkpointing()
     return student, _copy.deepcopy(student).requires_grad_(False).eval()
 
 
@@ -891,7 +913,8 @@ def train(args) -> dict:
 
     cfg = SPLADConfig(objective=args.objective, k=args.k, k_phi=args.k_phi,
                       multiple_estimation=not args.no_multiple_estimation, w=args.w, loss=args.loss,
-                      huber_c=args.huber_c, ema_mu=args.ema_mu)
+                      huber_c=args.huber_c, ema_mu=args.ema_mu, gamma_one_share=args.gamma_one_share,
+                      gamma_features=args.gamma_features)
     resolve_teacher(args.teacher)                                            # fail early on a bad path
     rank, world, device = _dist_setup()
     run = Path(args.output_dir)
@@ -937,7 +960,7 @@ def train(args) -> dict:
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
     low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     sd = load_sd(args.teacher, device, low)
-    student, target = make_student(args.teacher, device, args.gradient_checkpointing)
+    student, target = make_student(args.teacher, device, cfg.gamma_features, args.gradient_checkpointing)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -993,7 +1016,7 @@ def train(args) -> dict:
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
             last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
-            grid, ncol = _validation_grid(sd, unet_eps(target.unet, sd.sched, sd.prediction_type), prompts,
+            grid, ncol = _validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts,
                                           args.resolution, device)
             save_grid(grid, ncol, run / "validation" / f"step-{step:07d}.png")
         if world > 1:
@@ -1012,14 +1035,16 @@ def train(args) -> dict:
 
 
 def load_run(run_dir, device="cpu") -> StableDiffusion:
-    """A training run: its teacher's parts, with sd.unet holding the EMA student's weights (gamma path attached,
-    zero at gamma = 1)."""
+    """A training run: its teacher's parts, with sd.unet the EMA student at gamma = 1 (the gamma path dropped)."""
     run = Path(run_dir)
     ckpt = latest_checkpoint(run)
     if not (run / "config.json").is_file() or ckpt is None:
         raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
-    sd = load_sd(json.loads((run / "config.json").read_text())["teacher"], device)
-    load_weights(GammaUNet(sd.unet), ckpt / "target.safetensors")
+    config = json.loads((run / "config.json").read_text())
+    sd = load_sd(config["teacher"], device)
+    student = add_gamma_path(sd.unet, config["gamma_features"])
+    load_weights(student, ckpt / "target.safetensors")
+    sd.unet = drop_gamma_path(student).requires_grad_(False).eval()
     return sd
 
 
@@ -1132,6 +1157,8 @@ def build_parser():
     t.add_argument("--loss", default="huber", choices=["huber", "l2"])
     t.add_argument("--huber-c", type=float, default=0.001)
     t.add_argument("--ema-mu", type=float, default=0.95)
+    t.add_argument("--gamma-features", default="fourier4", choices=sorted(GAMMA_FEATURES))
+    t.add_argument("--gamma-one-share", type=float, default=0.0)
     t.add_argument("--lr", type=float, default=8e-6)
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=10.0)

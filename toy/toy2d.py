@@ -81,34 +81,37 @@ def exact_teacher(gmm: GMM, sched: ms.VPSchedule):
 
 
 class MLP(nn.Module):
-    """eps_theta(x, t, c, gamma) for 2D points; the gamma path adds to the time embedding."""
+    """eps_theta(x, t, c, gamma) for 2D points. Time and gamma go through diffusers' TimestepEmbedding exactly as
+    in the SD UNet: gamma_features(gamma) enters the time MLP's input through its zero-initialised cond_proj."""
 
-    def __init__(self, hidden: int = 128, blocks: int = 3, n_classes: int = 3):
+    def __init__(self, hidden: int = 128, blocks: int = 3, n_classes: int = 3, gamma_kind: str = "fourier4"):
         super().__init__()
-        self.t_dim = 64
-        self.t_mlp = nn.Sequential(nn.Linear(self.t_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        self.t_dim, self.gamma_kind = 64, gamma_kind
+        self.time_embedding = ms.zero_gamma_path(
+            TimestepEmbedding(self.t_dim, hidden, cond_proj_dim=ms.GAMMA_FEATURES[gamma_kind][1]))
         self.c_emb = nn.Embedding(n_classes, hidden)
-        self.gamma_emb = ms.GammaEmbedding(hidden)
         self.inp = nn.Linear(2, hidden)
         self.blocks = nn.ModuleList(
             nn.ModuleList([nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)]) for _ in range(blocks))
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, t, labels, gamma=None):
-        e = self.t_mlp(ms.fourier_features(t.float(), self.t_dim)) + self.c_emb(labels)
-        if gamma is not None:
-            e = e + self.gamma_emb(gamma)
+        c = None if gamma is None else ms.gamma_features(gamma, self.gamma_kind)      # timestep_cond
+        e = self.time_embedding(ms.fourier_features(t.float(), self.t_dim), c) + self.c_emb(labels)
         h = self.inp(x)
         for lin1, lin2 in self.blocks:
             h = h + lin2(torch.nn.functional.silu(lin1(torch.nn.functional.silu(h)) + e))
         return self.out(torch.nn.functional.silu(h))
 
 
-def pretrain(gmm: GMM, sched: ms.VPSchedule, iters: int, seed: int, batch: int = 512, lr: float = 2e-3):
+def pretrain(gmm: GMM, sched: ms.VPSchedule, iters: int, seed: int, batch: int = 512, lr: float = 2e-3,
+             hidden: int = 128):
     """Ordinary eps-prediction diffusion training with 10% label dropout (the 'checkpoint')."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = MLP()
+    net = MLP(hidden)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     for _ in range(iters):
@@ -226,16 +229,28 @@ class EvalSet:
         return (x1 - self.ref_a).norm(dim=1).mean().item()
 
 
+def student_from(pre: MLP, gamma_kind: str) -> MLP:
+    """The student: the pre-trained MLP's weights with the gamma path of `gamma_kind` (cond_proj zero)."""
+    net = MLP(pre.inp.out_features, len(pre.blocks), pre.c_emb.num_embeddings, gamma_kind)
+    state = {k: v for k, v in pre.state_dict().items() if "cond_proj" not in k}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    return net
+
+
 def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, batch, eval_every,
-            n_curve=1000):
-    cfg = ms.SPLADConfig(w=w, loss="l2", **METHODS[name])
+            n_curve=1000, cfg: ms.SPLADConfig = None, wrap=None):
+    """Alg. 1 with the method METHODS[name] (or an explicit `cfg`). `wrap(net)` turns the network into the student
+    callable splad_loss sees (default: the network itself). Returns the EMA target and its training curve."""
+    cfg = cfg or ms.SPLADConfig(w=w, loss="l2", **METHODS[name])
+    wrap = wrap or (lambda net: net)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    student, target = copy.deepcopy(pre), copy.deepcopy(pre)
-    target.requires_grad_(False)
+    student = student_from(pre, cfg.gamma_features)
+    target = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     uncond = torch.full((batch,), NULL)
-    curve = {"iter": [], "train_s": [], "sw2_1": [], "sw2_4": []}
+    curve = {"iter": [], "train_s": [], "err_1": [], "sw2_1": [], "sw2_4": []}
     train_s = 0.0
 
     def log(it):
@@ -244,6 +259,8 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
         for steps in (1, 4):
             x = few_step(target, ev.x_T[sub], lab, sched, steps, seed)
             curve[f"sw2_{steps}"].append(class_sw2(x, ev.ref_b[sub], lab))
+            if steps == 1:
+                curve["err_1"].append((x - ev.ref_a[sub]).norm(dim=1).mean().item())
         curve["iter"].append(it)
         curve["train_s"].append(train_s)
 
@@ -252,7 +269,7 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
         t0 = time.perf_counter()
         labels = torch.randint(0, 2, (batch,), generator=g)
         x0 = gmm.sample(labels, g)
-        loss = ms.splad_loss(student, target, teacher, x0, labels, uncond, sched, cfg, g)
+        loss = ms.splad_loss(wrap(student), wrap(target), teacher, x0, labels, uncond, sched, cfg, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)   # Appendix A

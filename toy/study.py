@@ -1,0 +1,279 @@
+"""Convergence study on the 2D toy: does SPLAM beat LCM once both are trained to a plateau?
+
+    python toy/study.py              # the committed study (2 worker processes; see README for its wall time)
+    python toy/study.py --quick      # plumbing check in seconds (what the test runs)
+
+Phase 1 (screen, seed 0, exact teacher, 128-wide student, k = 20): SPLAM with each gamma feature set of
+`minisplam.GAMMA_FEATURES`, with gamma ~ U[0, 1] (the paper) and with half of the draws at gamma = 1.
+The variant with the lowest final 1-step error is "SPLAM best".
+Phase 2 (every seed): LCM, the paper's SPLAM (authors' gamma features, gamma ~ U[0, 1]), SPLAM best and the
+DL-ODE at k = 20 and k = 100 with multiple estimation, for
+  * the exact teacher (closed-form GMM eps) and the learned teacher (the pre-trained MLP itself),
+  * today's 128-wide student and a 256-wide one (4x the parameters; exact teacher, k = 20),
+and the "u ablation" (exact teacher, 128 wide): the SL point fed to the gamma = 1 network at the effective
+time u(gamma, t) where sigma(u)/alpha(u) = (1 - gamma) sigma(s)/alpha(s) + gamma sigma(t)/alpha(t) (notebook 4).
+Every run: same data stream, seeds, lr, batch and iteration budget. Metrics on fixed noise: the coupled 1-step
+error |F(x_T) - ODE_200(x_T)| (no noise floor: same noise), and sliced W2 of 1/2/4-step samples against an
+independent set of teacher ODE samples, beside its floor (two independent teacher sets).
+Results are written to toy/results/study2d.json after every run (a rerun skips finished runs) and
+toy/results/study2d.png (error vs iteration, Fig. 2b).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+import minisplam as ms
+from toy import toy2d as t2
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAPER = dict(objective="splam", gamma_features="authors", gamma_one_share=0.0)
+
+
+def screen_variants():
+    return {f"SPLAM {kind} share={share}": dict(objective="splam", gamma_features=kind, gamma_one_share=share)
+            for kind in ms.GAMMA_FEATURES for share in (0.0, 0.5)}
+
+
+def u_ablation(net, sched: ms.VPSchedule, k: int):
+    """Not SPLAM: the gamma = 1 network evaluated at the SL point's effective time u(gamma, t).
+
+    With one DDIM step x_s = alpha_s x0 + sigma_s eps, so x_{gamma,t} = alpha_t x0 + sigma'(gamma,t) eps: the teacher's
+    DDIM state at the u with rho(u) = sigma'/alpha_t = (1-gamma) rho(s) + gamma rho(t), rho = sigma/alpha, scaled by
+    alpha_t/alpha_u. The network gets x * alpha_u/alpha_t at time u (a float; the MLP's time features are smooth)."""
+    rho = (sched.sigma / sched.alpha).double()
+    grid = torch.arange(sched.T, dtype=torch.float64)
+
+    def model(x, t, c, gamma):
+        s = (t - k).clamp(min=0)
+        r = (1 - gamma.double()) * rho[s] + gamma.double() * rho[t]
+        i = torch.searchsorted(rho, r).clamp(1, sched.T - 1)
+        u = grid[i - 1] + (r - rho[i - 1]) / (rho[i] - rho[i - 1])              # linear in rho between grid points
+        u = torch.where(gamma == 1, t.double(), u)
+        scale = (1 / (1 + r**2).sqrt()) / sched.alpha[t].double()                # alpha_u / alpha_t (VP)
+        scale = torch.where(gamma == 1, torch.ones_like(scale), scale)
+        return net(x * scale[:, None].float(), u.float(), c, None)
+
+    return model
+
+
+def converged(curve, frac: float = 0.2, tol: float = 0.05):
+    """Plateau test on the 1-step error: the mean over the last `frac` of the run is within `tol` (relative) of
+    the mean over the `frac` before it, or lower by less than that."""
+    it, err = torch.tensor(curve["iter"], dtype=torch.float64), torch.tensor(curve["err_1"], dtype=torch.float64)
+    n = it[-1]
+    last, prev = err[it > (1 - frac) * n].mean(), err[(it > (1 - 2 * frac) * n) & (it <= (1 - frac) * n)].mean()
+    return bool((prev - last) / prev < tol), float(last), float(prev)
+
+
+def pretrained(cache: Path, gmm, sched, iters, seed, width):
+    """The pre-trained MLP of (seed, width), trained once and kept in `cache` (atomic write; same result if two
+    workers race)."""
+    f = cache / f"pretrained-w{width}-s{seed}-i{iters}.pt"
+    pre = t2.MLP(width)
+    if f.is_file():
+        pre.load_state_dict(torch.load(f, weights_only=True))
+        return pre
+    pre = t2.pretrain(gmm, sched, iters, seed, hidden=width)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{f.name}.{os.getpid()}.tmp"
+    torch.save(pre.state_dict(), tmp)
+    os.replace(tmp, f)
+    return pre
+
+
+def run_group(task):
+    """One (teacher, width, seed) group: pre-train once, build the evaluation set once, distil each method."""
+    torch.set_num_threads(1)
+    a, teacher_kind, width, seed, methods = (task[k] for k in ("args", "teacher", "width", "seed", "methods"))
+    sched, gmm = ms.sd_schedule(), t2.GMM()
+    pre = pretrained(task["cache"], gmm, sched, a["pretrain_iters"], seed, width)
+    teacher = t2.exact_teacher(gmm, sched) if teacher_kind == "exact" else (lambda x, t, c: pre(x, t, c))
+    ev = t2.EvalSet(gmm, teacher, sched, a["w"], a["n_eval"], seed)
+    out = []
+    for name, spec in methods.items():
+        spec = dict(spec)
+        wrap_u = spec.pop("u_ablation", False)
+        cfg = ms.SPLADConfig(w=a["w"], loss="l2", **spec)
+        t0 = time.perf_counter()
+        net, curve = t2.distill(None, pre, gmm, teacher, sched, ev, a["iters"], seed, a["w"], a["lr"], a["batch"],
+                                a["eval_every"], cfg=cfg, wrap=(lambda n: u_ablation(n, sched, cfg.k)) if wrap_u else None)
+        res = t2.evaluate(net, ev, sched, seed)
+        ok, last, prev = converged(curve)
+        out.append({"teacher": teacher_kind, "width": width, "seed": seed, "method": name, "spec": task["methods"][name],
+                    **res, "noise_floor": ev.noise_floor, "converged": ok, "err1_last20": last, "err1_prev20": prev,
+                    "curve": curve, "wall_s": time.perf_counter() - t0})
+    return out
+
+
+def _pretrain(job):
+    torch.set_num_threads(1)
+    cache, iters, seed, width = job
+    pretrained(cache, t2.GMM(), ms.sd_schedule(), iters, seed, width)
+
+
+def key(r):
+    return f"{r['teacher']}/{r['width']}/{r['seed']}/{r['method']}"
+
+
+def save(path: Path, report: dict):
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+def run_tasks(tasks, report, path, workers, cache):
+    done = {key(r) for r in report["runs"]}
+    todo = []
+    for task in tasks:
+        left = {n: s for n, s in task["methods"].items()
+                if f"{task['teacher']}/{task['width']}/{task['seed']}/{n}" not in done}
+        if left:
+            todo.append({**task, "methods": left, "cache": cache})
+    # one method per task, so both workers stay busy; the group set-up is repeated (cheap next to training)
+    todo = [{**t, "methods": {n: s}} for t in todo for n, s in t["methods"].items()]
+    with ProcessPoolExecutor(workers) as pool:
+        for res in pool.map(run_group, todo):
+            report["runs"] += res
+            save(path, report)
+            for r in res:
+                print(f"{key(r):<48} err1 {r['err_1step']:.4f}  sw2 1/2/4 {r['sw2_1']:.4f} {r['sw2_2']:.4f} "
+                      f"{r['sw2_4']:.4f}  converged={r['converged']}  {r['wall_s']:.0f}s", flush=True)
+
+
+def stats(vals):
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std().item() if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def summary(report):
+    """Mean and std over seeds for every (teacher, width, method)."""
+    groups = {}
+    for r in report["runs"]:
+        groups.setdefault((r["teacher"], r["width"], r["method"]), []).append(r)
+    rows = []
+    for (teacher, width, method), rs in groups.items():
+        rows.append({"teacher": teacher, "width": width, "method": method, "seeds": sorted(r["seed"] for r in rs),
+                     **{m: stats([r[m] for r in rs]) for m in ("err_1step", "sw2_1", "sw2_2", "sw2_4", "noise_floor")},
+                     "converged": sum(r["converged"] for r in rs)})
+    return rows
+
+
+def table(rows, phase=None):
+    """Markdown table of the main results (what the README shows)."""
+    f = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"
+    lines = ["| teacher | width | method | 1-step error | SW2 1 step | SW2 2 steps | SW2 4 steps | SW2 floor | converged |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if phase is None or (r["method"].startswith("SPLAM ") and "share=" in r["method"]) == (phase == "screen"):
+            lines.append(f"| {r['teacher']} | {r['width']} | {r['method']} | {f(r['err_1step'])} | {f(r['sw2_1'])} | "
+                         f"{f(r['sw2_2'])} | {f(r['sw2_4'])} | {f(r['noise_floor'])} | {r['converged']}/{len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+def plot(report, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("exact", 128, "k=20"), ("exact", 128, "k=100 ME"), ("learned", 128, "k=20"), ("learned", 128, "k=100 ME"),
+              ("exact", 256, "k=20")]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
+    for j, (teacher, width, k) in enumerate(panels):
+        for metric, ax in zip(("err_1", "sw2_4"), axes[:, j]):
+            curves = {}
+            for r in report["runs"]:
+                if r["teacher"] == teacher and r["width"] == width and r["method"].endswith(k):
+                    curves.setdefault(r["method"], []).append(r["curve"])
+            for name, cs in sorted(curves.items()):
+                y = torch.tensor([c[metric] for c in cs]).mean(0)
+                ax.plot(cs[0]["iter"], y, label=f"{name} ({len(cs)} seeds)")
+            if metric == "sw2_4":
+                floors = [r["noise_floor"] for r in report["runs"] if r["teacher"] == teacher and r["width"] == width]
+                if floors:
+                    ax.axhline(sum(floors) / len(floors), color="k", ls=":", label="SW2 noise floor")
+            ax.set_yscale("log")
+            ax.set_xlabel("iteration", fontsize=11)
+            ax.set_ylabel("1-step error |F(x_T) - ODE(x_T)|" if metric == "err_1" else "4-step SW2 (1000 pts)", fontsize=11)
+            ax.set_title(f"{teacher} teacher, width {width}, {k}", fontsize=11)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed, 2 variants: checks the plumbing only")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    q = a.quick
+    settings = {"iters": a.iters or (40 if q else 5000), "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256,
+                "w": 3.0, "n_eval": 400 if q else 16000, "pretrain_iters": 50 if q else 4000,
+                "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / ("study2d_quick.json" if q else "study2d.json")
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if report.get("settings", settings) != settings:
+        raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
+    report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
+    t0 = time.perf_counter()
+    cmd = f"python toy/study.py{' --quick' if q else ''}"
+
+    # Phase 1: screen the gamma-path variants (seed 0, exact teacher, width 128, k = 20)
+    variants = screen_variants()
+    if q:
+        variants = dict(list(variants.items())[:2])
+    cache = a.out / "cache"
+    with ProcessPoolExecutor(a.workers) as pool:                        # pre-train every (seed, width) once
+        list(pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, w)
+                                  for s in range(settings["seeds"]) for w in settings["widths"]]))
+    run_tasks([{"args": settings, "teacher": "exact", "width": 128, "seed": 0,
+                "methods": {f"{n} k=20": {**s, "k": 20} for n, s in variants.items()}}], report, path, a.workers, cache)
+    screen = [r for r in report["runs"] if r["method"].startswith("SPLAM ") and "share=" in r["method"]]
+    best = min(screen, key=lambda r: r["err_1step"])
+    best_spec = {k: v for k, v in best["spec"].items() if k != "k"}
+    report["best_variant"] = {"method": best["method"], "spec": best_spec}
+
+    # Phase 2: the main comparison on every seed
+    methods = {"LCM": dict(objective="lcm"), "SPLAM paper": PAPER, "SPLAM best": best_spec,
+               "DL": dict(objective="dl", gamma_features=best_spec["gamma_features"])}
+    ks = {"k=20": dict(k=20), "k=100 ME": dict(k=100)}
+    main_set = {f"{m} {kn}": {**s, **kv} for m, s in methods.items() for kn, kv in ks.items()}
+    tasks = []
+    for seed in range(settings["seeds"]):
+        for teacher in ("exact", "learned"):
+            ms_ = dict(main_set)
+            if teacher == "exact":
+                ms_.update({f"u-ablation {kn}": {"objective": "splam", "u_ablation": True, **kv} for kn, kv in ks.items()})
+            tasks.append({"args": settings, "teacher": teacher, "width": 128, "seed": seed, "methods": ms_})
+        for width in settings["widths"][1:]:
+            tasks.append({"args": settings, "teacher": "exact", "width": width, "seed": seed,
+                          "methods": {n: s for n, s in main_set.items() if n.endswith("k=20")}})
+    run_tasks(tasks, report, path, a.workers, cache)
+
+    report["wall_s"] += time.perf_counter() - t0
+    report["summary"] = summary(report)
+    report["command"] = cmd
+    report["table"] = table(report["summary"], "main")
+    report["screen_table"] = table(report["summary"], "screen")
+    save(path, report)
+    plot(report, a.out / ("study2d_quick.png" if q else "study2d.png"))
+    print("\nScreen (seed 0, exact teacher, width 128, k=20):\n" + report["screen_table"])
+    print(f"\nbest variant: {best['method']}\n\n" + report["table"])
+    print(f"\nwrote {path} in {report['wall_s']:.0f}s of wall time ({cmd})")
+    return report
+
+
+if __name__ == "__main__":
+    main()
