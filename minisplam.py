@@ -535,8 +535,8 @@ def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusi
 def add_gamma_path(unet: nn.Module, kind: str = "fourier4") -> nn.Module:
     """The student: a copy of the teacher UNet built with diffusers' `time_cond_proj_dim` (Sec. 4.2), so that
     gamma_features(gamma) enters as `timestep_cond` through the zero-initialised, bias-free cond_proj."""
-    dim = GAMMA_FEATURES[kind][1]
-    student = type(unet).from_config({**unet.config, "time_cond_proj_dim": dim})
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}     # "_use_default_values" would
+    student = type(unet).from_config({**config, "time_cond_proj_dim": GAMMA_FEATURES[kind][1]})   # undo the override
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise ValueError(f"cannot add the gamma path to this UNet (missing {missing}, unexpected {unexpected})")
@@ -546,7 +546,7 @@ def add_gamma_path(unet: nn.Module, kind: str = "fourier4") -> nn.Module:
 
 def drop_gamma_path(student: nn.Module) -> nn.Module:
     """The teacher's architecture with the student's weights: its output equals the student's at gamma = 1."""
-    config = {k: v for k, v in student.config.items() if k != "time_cond_proj_dim"}
+    config = {k: v for k, v in student.config.items() if not k.startswith("_")}
     unet = type(student).from_config({**config, "time_cond_proj_dim": None})
     unet.load_state_dict({k: v for k, v in student.state_dict().items() if "cond_proj" not in k}, strict=True)
     return unet.to(student.device, student.dtype)

@@ -159,7 +159,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
 
 def test_loaded_diffusers_teacher_and_fid_fallback(tmp_path, sched):
-    """--teacher DIR: a saved UNet2DModel + scheduler (here unconditional, so w = 1)."""
+    """--teacher DIR: a saved UNet2DConditionModel + scheduler (here unconditional, so w = 1)."""
     from diffusers import DDPMScheduler
 
     d = tmp_path / "teacher"

@@ -316,15 +316,28 @@ def test_sample_and_export_bad_paths(capsys, tmp_path):
     assert "not a training run" in _error(capsys, ["export", "--run", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
-def test_gamma_unet_is_the_teacher_at_gamma_one(teacher):
+@pytest.mark.parametrize("kind", ["fourier4", "authors"])
+def test_gamma_path_is_timestep_cond_and_vanishes_at_one(teacher, kind):
+    """The student is the teacher UNet built with diffusers' time_cond_proj_dim; at gamma = 1 its output equals,
+    bit for bit, both the teacher's (before training) and the exported UNet's (for any trained weights)."""
     sd = ms.load_sd(teacher)
-    student = ms.GammaUNet(sd.unet)
-    torch.nn.init.normal_(student.gamma_emb.proj.weight)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 259])
-    cond = torch.randn(2, 16, 32)
-    plain = sd.unet(x, t, encoder_hidden_states=cond).sample
-    assert torch.equal(student(x, t, cond, torch.ones(2)), plain)
-    assert not torch.allclose(student(x, t, cond, torch.zeros(2)), plain)
+    student = ms.add_gamma_path(sd.unet, kind)
+    assert student.config.time_cond_proj_dim == ms.GAMMA_FEATURES[kind][1]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in student.modules())    # no hidden state
+    assert "register_forward_hook" not in Path(ms.__file__).read_text()
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([999, 259]), torch.randn(2, 16, 32)
+    eps = ms.unet_eps(student, sd.sched, sd.prediction_type, gamma_kind=kind)
+    plain = ms.unet_eps(sd.unet, sd.sched, sd.prediction_type)
+    assert torch.equal(eps(x, t, cond, torch.rand(2)), plain(x, t, cond))       # zero cond_proj: the teacher
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight)              # "trained" gamma path
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))                                  # and trained UNet weights
+    exported = ms.drop_gamma_path(student)
+    assert exported.config.time_cond_proj_dim is None and exported.time_embedding.cond_proj is None
+    ex = ms.unet_eps(exported, sd.sched, sd.prediction_type)
+    assert torch.equal(eps(x, t, cond, torch.ones(2)), ex(x, t, cond))          # gamma = 1: the exported UNet
+    assert not torch.allclose(eps(x, t, cond, torch.zeros(2)), ex(x, t, cond))  # gamma < 1: the path acts
 
 
 def test_cli_help_runs_as_a_script():

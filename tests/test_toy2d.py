@@ -44,7 +44,7 @@ def test_sliced_w2_zero_for_same_set_and_grows_with_shift():
 
 def test_gamma_path_vanishes_at_one_in_the_student():
     net = toy2d.MLP()
-    torch.nn.init.normal_(net.gamma_emb.proj.weight)
+    torch.nn.init.normal_(net.time_embedding.cond_proj.weight)
     x, t, c = torch.randn(8, 2), torch.randint(0, 1000, (8,)), torch.randint(0, 3, (8,))
     assert torch.equal(net(x, t, c, torch.ones(8)), net(x, t, c))   # teacher architecture at gamma=1
     assert not torch.allclose(net(x, t, c, torch.zeros(8)), net(x, t, c))

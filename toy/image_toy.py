@@ -7,13 +7,15 @@ Data. The default is scikit-learn's `load_digits` (1,797 8x8 images, 10 classes)
 It ships inside a PyPI package, so it runs anywhere with no download. CIFAR-10 (32x32) is read from its
 standard python archive; if the archive is missing, you get the download instruction, never a silent switch.
 
-Teacher. A class-conditional diffusers `UNet2DModel` (ε-prediction, SD's scaled-linear schedule,
-10% label dropout for classifier-free guidance), trained here as an ordinary DDPM. Alternatively
-`--teacher DIR_OR_HUB_ID` loads a diffusers UNet2DModel + scheduler (an unconditional teacher runs with w = 1).
+Teacher. A class-conditional diffusers `UNet2DConditionModel` without cross-attention (classes through its
+class embedding; ε-prediction, SD's scaled-linear schedule, 10% label dropout for classifier-free guidance),
+trained here as an ordinary DDPM. It is SD's UNet class, so the student gets the gamma path exactly as the SD
+student does (`time_cond_proj_dim`, gamma as `timestep_cond`). Alternatively `--teacher DIR_OR_HUB_ID` loads such
+a UNet + scheduler (an unconditional teacher runs with w = 1).
 
 Methods, all from the same teacher, scored on the same noise:
   * LCM and SPLAM distilled with `minisplam.splad_loss`, same budget and seed. The gamma path is attached
-    exactly as in the SD student (`minisplam.GammaUNet`, on the UNet's time embedding);
+    exactly as in the SD student (`minisplam.add_gamma_path`: gamma enters the time MLP's input);
   * DDIM, DPM-Solver++(2M) and UniPC through diffusers' schedulers (not re-implemented);
   * iPNDM and AMED-Solver (shared/papers/amed-solver-cvpr2024.txt) in EDM's sigma parameterisation of the
     same VP model. AMED's predictor g_phi(h, t_{n+1}, t_n) -> (r_n, c_n) reads the UNet's mid-block feature
@@ -88,13 +90,15 @@ def load_cifar10(path):
 
 
 def make_unet(channels: int, size: int, n_classes, width: int = 16):
-    from diffusers import UNet2DModel
+    """SD's UNet class with self-attention only (no text): classes through num_class_embeds (+1 for null)."""
+    from diffusers import UNet2DConditionModel
 
-    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels,
-                       block_out_channels=(width, 2 * width, 2 * width), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       num_class_embeds=None if n_classes is None else n_classes + 1, norm_num_groups=8)
+    return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
+                                block_out_channels=(width, 2 * width, 2 * width), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                                mid_block_type="UNetMidBlock2D", attention_head_dim=8,
+                                num_class_embeds=None if n_classes is None else n_classes + 1, norm_num_groups=8)
 
 
 def train_teacher(x, y, n_classes, sched, iters, batch, lr, seed, width=16, device="cpu"):
@@ -111,7 +115,7 @@ def train_teacher(x, y, n_classes, sched, iters, batch, lr, seed, width=16, devi
         t = torch.randint(0, sched.T, (batch,), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
         a, s = ms.alpha_sigma(sched, t, x0)
-        loss = F.mse_loss(unet(a * x0 + s * noise, t, class_labels=lab.to(device)).sample, noise)
+        loss = F.mse_loss(unet(a * x0 + s * noise, t, None, class_labels=lab.to(device)).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -120,11 +124,11 @@ def train_teacher(x, y, n_classes, sched, iters, batch, lr, seed, width=16, devi
 
 
 def load_teacher(path_or_id, device="cpu"):
-    """A diffusers UNet2DModel + scheduler (local dir or hub id); returns (unet, sched, pred, n_classes or None)."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """A diffusers UNet2DConditionModel + scheduler (local dir or hub id); returns (unet, sched, pred, n_classes or None)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     try:
-        unet = UNet2DModel.from_pretrained(path_or_id, subfolder="unet" if (Path(path_or_id) / "unet").is_dir() else None)
+        unet = UNet2DConditionModel.from_pretrained(path_or_id, subfolder="unet" if (Path(path_or_id) / "unet").is_dir() else None)
         sch = DDPMScheduler.from_pretrained(path_or_id, subfolder="scheduler" if (Path(path_or_id) / "scheduler").is_dir() else None)
     except OSError as e:
         raise ms.UsageError(f"could not load the teacher {path_or_id!r} ({e})") from e
@@ -187,7 +191,7 @@ class EDMEps:
         def teacher(xx, tt, cc):
             kw = {} if self.labels is None else {"class_labels": cc}
             aa, ss = alpha.repeat(len(xx) // len(x), 1, 1, 1), sigma.repeat(len(xx) // len(x), 1, 1, 1)
-            return ms.eps_from_output(self.unet(xx, tt, **kw).sample, xx, aa, ss, self.pred)
+            return ms.eps_from_output(self.unet(xx, tt, None, **kw).sample, xx, aa, ss, self.pred)
 
         n = len(x)
         labels, null = (None, None) if self.labels is None else (self.labels[:n], self.null[:n])
@@ -365,15 +369,19 @@ def frechet(f1, f2):
 # ----------------------------------------------------------------------------------------
 
 
-def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, batch, lr, seed, k, device="cpu"):
-    """LCM or SPLAM with minisplam.splad_loss; the gamma path attached as in the SD student."""
-    cfg = ms.SPLADConfig(objective=objective, k=k, k_phi=20, w=w, loss="l2")
+def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, batch, lr, seed, k, device="cpu",
+            gamma_features="fourier4", gamma_one_share=0.0):
+    """LCM or SPLAM with minisplam.splad_loss; the gamma path attached as in the SD student. Returns the EMA
+    target with the gamma path dropped (the model sampling uses) and the training seconds."""
+    cfg = ms.SPLADConfig(objective=objective, k=k, k_phi=20, w=w, loss="l2", gamma_features=gamma_features,
+                         gamma_one_share=gamma_one_share)
     torch.manual_seed(seed)
     g = torch.Generator(device).manual_seed(seed)
-    student = ms.GammaUNet(copy.deepcopy(teacher_unet).requires_grad_(True).train(), cond_arg="class_labels")
+    student = ms.add_gamma_path(teacher_unet, cfg.gamma_features).requires_grad_(True).train()
     target = copy.deepcopy(student).requires_grad_(False).eval()
     teacher = ms.unet_eps(teacher_unet, sched, pred, cond_arg="class_labels")
-    student_eps, target_eps = ms.unet_eps(student, sched, pred), ms.unet_eps(target, sched, pred)
+    student_eps, target_eps = (ms.unet_eps(m, sched, pred, cond_arg="class_labels", gamma_kind=cfg.gamma_features)
+                               for m in (student, target))
     conditional = teacher_unet.config.num_class_embeds is not None          # else: no labels at all, w = 1
     null = torch.full((batch,), n_classes, device=device) if conditional else None
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
@@ -387,7 +395,7 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
         opt.step()
         ms.ema_update(target, student, cfg.ema_mu)
-    return target, time.perf_counter() - t0
+    return ms.drop_gamma_path(target), time.perf_counter() - t0
 
 
 def save_class_grid(x, labels, n_classes, path, per_class=8, zoom=4):
@@ -405,12 +413,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="digits", choices=["digits", "cifar10"])
     p.add_argument("--cifar", default=None, help="path to cifar-10-python.tar.gz or cifar-10-batches-py/")
-    p.add_argument("--teacher", default=None, help="diffusers UNet2DModel dir / hub id instead of training one")
+    p.add_argument("--teacher", default=None, help="diffusers UNet2DConditionModel dir / hub id instead of training one")
     p.add_argument("--teacher-iters", type=int, default=1500)
     p.add_argument("--width", type=int, default=16, help="UNet base channels (32+ for CIFAR on a GPU)")
     p.add_argument("--distill-iters", type=int, default=250)
     p.add_argument("--k", type=int, default=100, help="skipping step (100 = with multiple estimation, k_phi 20)")
     p.add_argument("--w", type=float, default=2.0, help="guidance scale (paper's w)")
+    p.add_argument("--gamma-features", default="fourier4", choices=sorted(ms.GAMMA_FEATURES))
+    p.add_argument("--gamma-one-share", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--n-eval", type=int, default=500)
@@ -519,9 +529,9 @@ def main(argv=None):
     # --- distillation: LCM and SPLAM, same budget and seed ------------------------------------------
     for objective, name in (("lcm", "LCM"), ("splam", "SPLAM")):
         net, secs = distill(objective, unet, sched, pred, x, y, n_classes, w, a.distill_iters, a.batch, a.lr,
-                            a.seed, a.k, dev)
+                            a.seed, a.k, dev, a.gamma_features, a.gamma_one_share)
         timing[f"{name}_s"] = secs
-        model = ms.unet_eps(net.unet, sched, pred, cond_arg="class_labels")
+        model = ms.unet_eps(net, sched, pred, cond_arg="class_labels")
         out = {}
         for n in sorted(set(nfes) | {1}):
             samp = ms.sample(model, x_T, cond, sched, ms.lcm_timesteps(n, sched.T), torch.Generator(dev).manual_seed(5))
