@@ -7,10 +7,11 @@ Phase 1 (screen, seed 0, exact teacher, 128-wide student, k = 20): SPLAM with ea
 `minisplam.GAMMA_FEATURES`, with gamma ~ U[0, 1] (the paper) and with half of the draws at gamma = 1.
 The variant with the lowest final 1-step error is "SPLAM best".
 Phase 2 (every seed): LCM, the paper's SPLAM (authors' gamma features, gamma ~ U[0, 1]), SPLAM best and the
-DL-ODE at k = 20 and k = 100 with multiple estimation, for
-  * the exact teacher (closed-form GMM eps) and the learned teacher (the pre-trained MLP itself),
-  * today's 128-wide student and a 256-wide one (4x the parameters; exact teacher, k = 20),
-and the "u ablation" (exact teacher, 128 wide): the SL point fed to the gamma = 1 network at the effective
+DL-ODE, for
+  * the exact teacher (closed-form GMM eps), 128-wide student: k = 20 and k = 100 with multiple estimation;
+  * the learned teacher (the pre-trained MLP itself, an imperfect teacher), 128 wide, k = 20;
+  * a 256-wide student (4x the parameters), exact teacher, k = 20;
+and the "u ablation" (exact teacher, 128 wide, both k): the SL point fed to the gamma = 1 network at the effective
 time u(gamma, t) where sigma(u)/alpha(u) = (1 - gamma) sigma(s)/alpha(s) + gamma sigma(t)/alpha(t) (notebook 4).
 Every run: same data stream, seeds, lr, batch and iteration budget. Metrics on fixed noise: the coupled 1-step
 error |F(x_T) - ODE_200(x_T)| (no noise floor: same noise), and sliced W2 of 1/2/4-step samples against an
@@ -183,8 +184,7 @@ def plot(report, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("exact", 128, "k=20"), ("exact", 128, "k=100 ME"), ("learned", 128, "k=20"), ("learned", 128, "k=100 ME"),
-              ("exact", 256, "k=20")]
+    panels = [("exact", 128, "k=20"), ("exact", 128, "k=100 ME"), ("learned", 128, "k=20"), ("exact", 256, "k=20")]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
     for j, (teacher, width, k) in enumerate(panels):
         for metric, ax in zip(("err_1", "sw2_4"), axes[:, j]):
@@ -218,9 +218,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     q = a.quick
-    settings = {"iters": a.iters or (40 if q else 5000), "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256,
-                "w": 3.0, "n_eval": 400 if q else 16000, "pretrain_iters": 50 if q else 4000,
-                "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
+    settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
+                "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
+                "pretrain_iters": 50 if q else 4000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / ("study2d_quick.json" if q else "study2d.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -238,7 +238,7 @@ def main(argv=None):
     with ProcessPoolExecutor(a.workers) as pool:                        # pre-train every (seed, width) once
         list(pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, w)
                                   for s in range(settings["seeds"]) for w in settings["widths"]]))
-    run_tasks([{"args": settings, "teacher": "exact", "width": 128, "seed": 0,
+    run_tasks([{"args": {**settings, "iters": settings["screen_iters"]}, "teacher": "exact", "width": 128, "seed": 0,
                 "methods": {f"{n} k=20": {**s, "k": 20} for n, s in variants.items()}}], report, path, a.workers, cache)
     screen = [r for r in report["runs"] if r["method"].startswith("SPLAM ") and "share=" in r["method"]]
     best = min(screen, key=lambda r: r["err_1step"])
@@ -250,16 +250,13 @@ def main(argv=None):
                "DL": dict(objective="dl", gamma_features=best_spec["gamma_features"])}
     ks = {"k=20": dict(k=20), "k=100 ME": dict(k=100)}
     main_set = {f"{m} {kn}": {**s, **kv} for m, s in methods.items() for kn, kv in ks.items()}
-    tasks = []
-    for seed in range(settings["seeds"]):
-        for teacher in ("exact", "learned"):
-            ms_ = dict(main_set)
-            if teacher == "exact":
-                ms_.update({f"u-ablation {kn}": {"objective": "splam", "u_ablation": True, **kv} for kn, kv in ks.items()})
-            tasks.append({"args": settings, "teacher": teacher, "width": 128, "seed": seed, "methods": ms_})
-        for width in settings["widths"][1:]:
-            tasks.append({"args": settings, "teacher": "exact", "width": width, "seed": seed,
-                          "methods": {n: s for n, s in main_set.items() if n.endswith("k=20")}})
+    k20 = {n: s for n, s in main_set.items() if n.endswith("k=20")}
+    u_abl = {f"u-ablation {kn}": {"objective": "splam", "u_ablation": True, **kv} for kn, kv in ks.items()}
+    seeds = range(settings["seeds"])
+    tasks = ([{"args": settings, "teacher": "exact", "width": 128, "seed": s, "methods": {**main_set, **u_abl}} for s in seeds]
+             + [{"args": settings, "teacher": "learned", "width": 128, "seed": s, "methods": k20} for s in seeds]
+             + [{"args": settings, "teacher": "exact", "width": w, "seed": s, "methods": k20}
+                for w in settings["widths"][1:] for s in seeds])
     run_tasks(tasks, report, path, a.workers, cache)
 
     report["wall_s"] += time.perf_counter() - t0
