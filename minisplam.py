@@ -44,6 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -490,7 +491,7 @@ def resolve_teacher(path_or_id: str) -> str:
         if missing:
             raise UsageError(f"{p} is not a diffusers Stable Diffusion directory: it lacks {missing}. "
                              "Save one with StableDiffusionPipeline.save_pretrained(dir) or give a hub id.")
-        return str(p)
+        return str(p.resolve())
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         raise UsageError(f"teacher {path_or_id!r} not found: give a local diffusers directory (with "
                          f"{', '.join(SD_PARTS)}) or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -541,7 +542,7 @@ def add_gamma_path(unet: nn.Module, kind: str = "fourier4") -> nn.Module:
     if unexpected or missing != ["time_embedding.cond_proj.weight"]:
         raise ValueError(f"cannot add the gamma path to this UNet (missing {missing}, unexpected {unexpected})")
     zero_gamma_path(student.time_embedding)
-    return student.to(unet.device, unet.dtype)
+    return student.to(unet.device) if unet.dtype == torch.float32 else student.to(unet.device, unet.dtype)
 
 
 def drop_gamma_path(student: nn.Module) -> nn.Module:
@@ -549,7 +550,7 @@ def drop_gamma_path(student: nn.Module) -> nn.Module:
     config = {k: v for k, v in student.config.items() if not k.startswith("_")}
     unet = type(student).from_config({**config, "time_cond_proj_dim": None})
     unet.load_state_dict({k: v for k, v in student.state_dict().items() if "cond_proj" not in k}, strict=True)
-    return unet.to(student.device, student.dtype)
+    return unet.to(student.device) if student.dtype == torch.float32 else unet.to(student.device, student.dtype)
 
 
 def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states",
@@ -573,10 +574,11 @@ def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg:
 
 @torch.no_grad()
 def encode_prompts(sd: StableDiffusion, prompts, device):
-    """CLIP embeddings exactly as StableDiffusionPipeline.encode_prompt computes them."""
+    """CLIP embeddings exactly as StableDiffusionPipeline.encode_prompt computes them, in fp32 whatever the text
+    encoder's precision (the student is fp32; a low-precision teacher casts its own inputs)."""
     ids = sd.tokenizer(list(prompts), padding="max_length", max_length=sd.tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
-    return sd.text_encoder(ids.to(device))[0]
+    return sd.text_encoder(ids.to(device))[0].float()
 
 
 @torch.no_grad()
@@ -584,6 +586,15 @@ def decode_latents(sd: StableDiffusion, z):
     """Latents -> images in [0, 1], as the pipeline's VAE decode + postprocess."""
     img = sd.vae.decode(z.to(sd.vae.dtype) / sd.vae.config.scaling_factor).sample
     return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def check_resolution(src: str, resolution):
+    """Refuse, before any model loads, a resolution that is not a multiple of a local teacher's VAE factor
+    (2^(levels - 1): 8 for SD); a hub id is checked when its VAE is loaded (latent_shape)."""
+    cfg = Path(src) / "vae" / "config.json"
+    f = 2 ** (len(json.loads(cfg.read_text())["block_out_channels"]) - 1) if cfg.is_file() else 8
+    if resolution is not None and resolution % f:
+        raise UsageError(f"--resolution {resolution} must be a multiple of the VAE factor {f} (e.g. {resolution // f * f or f})")
 
 
 def latent_shape(sd: StableDiffusion, batch: int, resolution: int):
@@ -656,7 +667,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         i, crop_seed = key
         name, text = self.items[i]
         px = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
-        return {"pixels": px, "text": text}                  # pixels None: corrupt, counted as skipped
+        return {"pixels": px, "text": text, "name": str(self.root / name)}   # pixels None: corrupt, skipped
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -686,9 +697,10 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def collate_skip_corrupt(items):
-    """Drop corrupt images (pixels None) and report how many were skipped."""
+    """Drop corrupt images (pixels None) and report which were skipped."""
     good = [it for it in items if it["pixels"] is not None]
-    out = {"skipped": len(items) - len(good), "pixels": None, "text": [it["text"] for it in good]}
+    out = {"skipped": len(items) - len(good), "skipped_files": [it["name"] for it in items if it["pixels"] is None],
+           "pixels": None, "text": [it["text"] for it in good]}
     if good:
         out["pixels"] = torch.stack([it["pixels"] for it in good])
     return out
@@ -719,7 +731,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
         text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
         px = load_image(io.BytesIO(sample[key]), self.resolution, crop_seed) if key and text else None
-        return {"pixels": px, "text": text}                       # pixels None: counted as skipped
+        return {"pixels": px, "text": text, "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"}
 
     def __iter__(self):
         wds = _webdataset()
@@ -772,7 +784,7 @@ def is_webdataset(spec: str) -> bool:
 # ----------------------------------------------------------------------------------------
 
 # settings that may differ between a run and its resumption
-RESUMABLE_KEYS = {"max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir",
+RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir",
                   "validation_prompts", "world_size"}
 
 
@@ -838,16 +850,77 @@ def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / torch.distributed.get_world_size()
 
 
-def _validation_grid(sd, model_eps, prompts, resolution, device, seed=0):
-    """Rows: prompts; columns: 1, 2, 4 steps (gamma = 1, fixed seed)."""
+def save_validation_grid(sd, model_eps, prompts, resolution, device, path: Path, seed=0):
+    """A labelled PNG: rows are the prompts, columns 1, 2, 4 steps (gamma = 1, fixed seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cond = encode_prompts(sd, prompts, device)
     cols = []
     for steps in (1, 2, 4):
         g = torch.Generator(device).manual_seed(seed)
         x_T = torch.randn(latent_shape(sd, len(prompts), resolution), generator=g, device=device)
-        z = sample(model_eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g)
-        cols.append(decode_latents(sd, z))
-    return torch.stack(cols, 1).flatten(0, 1), len(cols)
+        cols.append(decode_latents(sd, sample(model_eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g)))
+    fig, axes = plt.subplots(len(prompts), 3, figsize=(9, 3 * len(prompts) + 0.4), squeeze=False)
+    for i, prompt in enumerate(prompts):
+        for j, steps in enumerate((1, 2, 4)):
+            ax = axes[i, j]
+            ax.imshow(cols[j][i].permute(1, 2, 0).cpu().numpy())
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{steps} step{'s' * (steps > 1)}" if i == 0 else "", fontsize=12)
+        axes[i, 0].set_ylabel(prompt[:40], fontsize=10)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_losses(metrics: Path, path: Path):
+    """The loss curve of a run, from its metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set(xlabel="step", ylabel="SPLAD loss (Eq. 17)", yscale="log", title=metrics.parent.name)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path):
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """run/metrics.jsonl: one JSON object per step (step, loss, lr, skipped, time) or event (resume)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, row: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate(self, step: int):
+        """Keep what a resumed run at `step` has done: rows of later steps were lost with the kill."""
+        if self.path.is_file():
+            rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+            _write_atomic(self.path, "".join(l + "\n" for l in rows))
 
 
 def save_grid(images, ncol: int, path: Path):
@@ -915,14 +988,19 @@ def train(args) -> dict:
                       multiple_estimation=not args.no_multiple_estimation, w=args.w, loss=args.loss,
                       huber_c=args.huber_c, ema_mu=args.ema_mu, gamma_one_share=args.gamma_one_share,
                       gamma_features=args.gamma_features)
-    resolve_teacher(args.teacher)                                            # fail early on a bad path
+    args.teacher = resolve_teacher(args.teacher)               # fail early on a bad path; absolute if local
+    check_resolution(args.teacher, args.resolution)
+    if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):
+        args.data = str(Path(args.data).expanduser().resolve())             # a run does not depend on the cwd
     rank, world, device = _dist_setup()
-    run = Path(args.output_dir)
-    settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "world_size": world}
+    run = Path(args.output_dir).expanduser().resolve()
+    settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "output_dir": str(run), "world_size": world}
     shards = is_webdataset(args.data)
 
     # --- resume check before any heavy work -------------------------------------------
-    ckpt = None
+    ckpt, changed = None, {}
+    if run.is_file():
+        raise UsageError(f"--output-dir {run} is a file: choose a folder for the run")
     if args.resume:
         saved = run / "config.json"
         if not saved.is_file():
@@ -931,17 +1009,20 @@ def train(args) -> dict:
         diff = sorted(k for k in set(old) | set(settings) if k not in RESUMABLE_KEYS and old.get(k) != settings.get(k))
         if diff:
             raise UsageError(f"--resume: {run} was trained with different settings: " +
-                             ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff))
+                             ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff) +
+                             f". Only {', '.join(sorted(RESUMABLE_KEYS - {'resume', 'world_size'}))} may change")
+        changed = {k: [old.get(k), settings[k]] for k in sorted(RESUMABLE_KEYS - {"resume"})
+                   if old.get(k) != settings[k]}
         layout = ["world_size"] + (["num_workers"] if shards else [])                     # these deal out the data
         moved = [f"{k}={old.get(k)!r} (now {settings[k]!r})" for k in layout if old.get(k) != settings[k]]
         if moved and rank == 0:
             print(f"warning: resuming with {', '.join(moved)}: the run goes on, but its batches differ from an "
                   "uninterrupted run's", file=sys.stderr)
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            raise UsageError(f"--resume: {run} has no complete checkpoint yet")
-    elif (run / "latest").exists():
+        ckpt = latest_checkpoint(run)                  # None: killed before its first checkpoint, starts at step 0
+    elif (run / "config.json").exists():
         raise UsageError(f"{run} already holds a run: pass --resume to continue it, or choose a new --output-dir")
+    elif run.is_dir() and any(run.iterdir()):
+        raise UsageError(f"--output-dir {run} is not empty and is not a minisplam run: choose a new or empty folder")
 
     # --- data ----------------------------------------------------------------------------
     start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0   # batches consumed so far
@@ -975,18 +1056,26 @@ def train(args) -> dict:
         load_weights(student, ckpt / "student.safetensors")
         load_weights(target, ckpt / "target.safetensors")
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        for group in opt.param_groups:                                       # --lr may change on resume
+            group["lr"] = args.lr
         state = json.loads((ckpt / "state.json").read_text())
         step, losses, data_pos, skipped = state["step"], state["losses"], state["data_pos"], state["skipped"]
+    log = MetricsLog(run / "metrics.jsonl")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(settings, indent=1))
+        for tmp in [*run.glob(".tmp-checkpoint-*"), run / ".latest.tmp"]:   # left by a kill mid-checkpoint
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        _write_atomic(run / "config.json", json.dumps(settings, indent=1))
+        log.truncate(step)                                  # steps after the checkpoint will be run again
+        if args.resume:
+            log.write({"event": "resume", "step": step, "changed": changed})
     online = student
     if world > 1:
         online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
 
     uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
-    last, empty_streak = None, 0
+    last, empty_streak, t_start = None, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
     it = iter(loader)
     while step < args.max_steps:
@@ -995,6 +1084,8 @@ def train(args) -> dict:
         counts = torch.tensor([batch["skipped"], batch["pixels"] is None], dtype=torch.float32, device=device)
         n_skipped, n_empty = (_mean_over_ranks(counts) * world).round().long().tolist()   # summed over ranks
         skipped += n_skipped
+        for name in batch["skipped_files"]:
+            print(f"skipped an unreadable image: {name}", file=sys.stderr)
         if n_empty:                            # every image of a batch was corrupt: all ranks skip it together
             empty_streak += 1
             if empty_streak * args.batch_size * world > 2 * n_images:          # two epochs' worth, nothing readable
@@ -1013,17 +1104,21 @@ def train(args) -> dict:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=skipped)
+        if rank == 0:
+            log.write({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "skipped": skipped,
+                       "time": round(time.time() - t_start, 3), **({"skipped_files": batch["skipped_files"]}
+                                                                   if batch["skipped_files"] else {})})
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
             last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
+            plot_losses(log.path, run / "validation" / "loss.png")
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
-            grid, ncol = _validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts,
-                                          args.resolution, device)
-            save_grid(grid, ncol, run / "validation" / f"step-{step:07d}.png")
+            save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts, args.resolution,
+                                 device, run / "validation" / f"step-{step:07d}.png")
         if world > 1:
             torch.distributed.barrier()
     bar.close()
     if skipped and rank == 0:
-        print(f"skipped {skipped} corrupt or unreadable images", file=sys.stderr)
+        print(f"skipped {skipped} corrupt or unreadable images (named in {log.path})", file=sys.stderr)
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"rank": rank, "step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
@@ -1078,25 +1173,121 @@ def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device=
     return generate_images(sd, eps, prompts, steps, seed, resolution)
 
 
-def export(run_dir: str, out_dir: str):
+def check_output(out: Path, flag: str, overwrite: bool = False, protect=()) -> Path:
+    """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite`; even
+    then never a folder in `protect` (the current folder, the run being read) or one that contains them."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} is an existing file: choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{flag} {out} is not empty: choose a new folder, or pass --overwrite to replace it")
+        for p in (Path.cwd(), *protect):
+            p = Path(p).resolve()
+            if out == p or out in p.parents:
+                raise UsageError(f"{flag} {out} holds {p}: --overwrite never replaces the current folder, the run "
+                                 "it reads, or a folder containing either")
+    return out
+
+
+def export(run_dir: str, out_dir: str, overwrite: bool = False):
     """A plain diffusers StableDiffusionPipeline: teacher architecture with the EMA student's
-    weights, LCMScheduler; sample it at guidance_scale=1 (the distilled w is baked in)."""
+    weights, LCMScheduler; sample it at guidance_scale=1 (the distilled w is baked in).
+    Written next to `out_dir` and renamed into place, so a kill leaves `out_dir` as it was."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    sd = load_run(run_dir)
+    run = Path(run_dir)
+    if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
+        raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
+    out = check_output(Path(out_dir), "--out", overwrite, protect=[run])
+    for old in out.parent.glob(f".tmp-export-{out.name}-*"):                     # left by a killed export
+        shutil.rmtree(old, ignore_errors=True)
+    sd = load_run(run)
     scheduler = LCMScheduler.from_config(sd.scheduler_config, timestep_scaling=10.0, original_inference_steps=50,
                                          clip_sample=False)
     pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                                    unet=sd.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))          # atomic: build, then rename
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out.name}-", dir=out.parent))    # build, then rename
     pipe.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if out.exists():                                   # empty, or --overwrite: swap, then remove the old copy
+        old = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out.name}-old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
     return str(out)
+
+
+def sample_to_folder(args):
+    """`sample`: images, a manifest.jsonl (index, prompt, seed, steps, file) and sample.json (the settings) in --out.
+    Resumable: a rerun with the same settings skips the batches already written; other settings are refused."""
+    from tqdm.auto import tqdm
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            raise UsageError(f"prompts file {f} does not exist")
+        prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+    if not prompts:
+        raise UsageError("give at least one --prompt or a --prompts-file")
+    model = Path(args.model).expanduser().resolve()
+    if (model / "model_index.json").is_file():
+        src = str(model)
+    elif (model / "config.json").is_file() and latest_checkpoint(model) is not None:
+        src = json.loads((model / "config.json").read_text())["teacher"]
+    else:
+        raise UsageError(f"{model} is neither an exported pipeline (model_index.json) nor a training run "
+                         "with a checkpoint (config.json + latest)")
+    check_resolution(src, args.resolution)
+    out = Path(args.out).expanduser().resolve()
+    settings = {"model": str(model), "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
+                "batch_size": args.batch_size}
+    done = {}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file: choose a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "sample.json").is_file():
+            raise UsageError(f"--out {out} is not empty and was not written by `sample`: choose a new folder")
+        old = json.loads((out / "sample.json").read_text())
+        if old != settings:
+            raise UsageError(f"--out {out} holds images from other settings ({old}): choose a new folder")
+        for line in (out / "manifest.jsonl").read_text().splitlines() if (out / "manifest.jsonl").is_file() else []:
+            row = json.loads(line)
+            done[row["index"]] = row
+        clash = [i for i, row in done.items() if i >= len(prompts) or row["prompt"] != prompts[i]]
+        if clash:
+            raise UsageError(f"--out {out} holds images of other prompts (index {clash[0]}): choose a new folder")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sd, eps = load_distilled(str(model), dev)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "sample.json", json.dumps(settings))
+    starts = range(0, len(prompts), args.batch_size)
+    for b, i in enumerate(tqdm(starts, desc="sample", unit="batch")):
+        idx = range(i, min(i + args.batch_size, len(prompts)))
+        if all(j in done and (out / done[j]["file"]).is_file() for j in idx):
+            continue
+        batch = generate_images(sd, eps, prompts[i:i + args.batch_size], args.steps, args.seed + b,
+                                args.resolution).cpu()
+        rows = []
+        for j, im in zip(idx, batch):
+            save_grid(im[None], 1, out / f".{j:05d}.tmp.png")
+            os.replace(out / f".{j:05d}.tmp.png", out / f"{j:05d}.png")
+            rows.append({"index": j, "prompt": prompts[j], "seed": args.seed + b, "steps": args.steps,
+                         "file": f"{j:05d}.png"})
+        with (out / "manifest.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["index"] not in done)
+    if len(prompts) <= 64:
+        from PIL import Image
+        import numpy as np
+
+        imgs = [torch.from_numpy(np.array(Image.open(out / f"{j:05d}.png"))).permute(2, 0, 1) / 255
+                for j in range(len(prompts))]
+        save_grid(torch.stack(imgs), min(len(prompts), 8), out / "grid.png")
+    return out
 
 
 def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
@@ -1105,8 +1296,9 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    check_prediction_type(prediction_type)
+    out = check_output(Path(out_dir), "make-tiny-sd OUT")
     torch.manual_seed(seed)
-    out = Path(out_dir)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -1137,62 +1329,95 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) 
 # ----------------------------------------------------------------------------------------
 
 
+def _number(kind, lo, strict=False):
+    """argparse type: a number >= lo (> lo if strict), refused with one line otherwise."""
+    import argparse
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if v < lo or (strict and v == lo) or v != v:
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text}")
+        return v
+
+    return parse
+
+
 def build_parser():
     import argparse
 
-    p = argparse.ArgumentParser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):                    # one line, exit code 2, no usage dump
+            print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+            raise SystemExit(2)
 
-    t = sub.add_parser("train", help="distil a teacher with SPLAD (Alg. 1)")
-    t.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
-    t.add_argument("--data", required=True, help="imagefolder dir with metadata.jsonl, or webdataset shards "
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pos_int, nonneg_int, pos_float = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
+    p = Parser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.", **fmt)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="distil a teacher with SPLAD (Alg. 1)", **fmt)
+    g = t.add_argument_group("data")
+    g.add_argument("--data", required=True, help="imagefolder dir with metadata.jsonl, or webdataset shards "
                                                  "('data/{00000..00099}.tar')")
-    t.add_argument("--output-dir", required=True)
-    t.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
-    t.add_argument("--objective", default="splam", choices=sorted(OBJECTIVES))
-    t.add_argument("--k", type=int, default=100, help="skipping step k (100 with multiple estimation, or 20)")
-    t.add_argument("--k-phi", type=int, default=20, help="DDIM solver step k_phi")
-    t.add_argument("--no-multiple-estimation", action="store_true", help="one teacher DDIM step of size k")
-    t.add_argument("--w", type=float, default=8.0, help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
-    t.add_argument("--loss", default="huber", choices=["huber", "l2"])
-    t.add_argument("--huber-c", type=float, default=0.001)
-    t.add_argument("--ema-mu", type=float, default=0.95)
-    t.add_argument("--gamma-features", default="fourier4", choices=sorted(GAMMA_FEATURES))
-    t.add_argument("--gamma-one-share", type=float, default=0.0)
-    t.add_argument("--lr", type=float, default=8e-6)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--max-grad-norm", type=float, default=10.0)
-    t.add_argument("--batch-size", type=int, default=8, help="per process")
-    t.add_argument("--resolution", type=int, default=512)
-    t.add_argument("--random-crop", action="store_true")
-    t.add_argument("--max-steps", type=int, default=6000)
-    t.add_argument("--checkpoint-every", type=int, default=500)
-    t.add_argument("--validate-every", type=int, default=500, help="0 disables the validation grid")
-    t.add_argument("--validation-prompts", nargs="*", default=None)
-    t.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no",
-                   choices=["no", "fp16", "bf16"])
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--use-8bit-adam", action="store_true")
-    t.add_argument("--num-workers", type=int, default=4)
-    t.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resolution", type=pos_int, default=512, help="training image size (a multiple of the VAE factor)")
+    g.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
+    g.add_argument("--num-workers", type=nonneg_int, default=4, help="data loader processes")
+    g = t.add_argument_group("model")
+    g.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
+    g.add_argument("--gamma-features", default="fourier4", choices=sorted(GAMMA_FEATURES),
+                   help="Fourier features of gamma fed as the UNet's timestep_cond (toy/study.py compares them)")
+    g = t.add_argument_group("SPLAD (Alg. 1)")
+    g.add_argument("--objective", default="splam", choices=sorted(OBJECTIVES), help="training points (Sec. 4, Table 3)")
+    g.add_argument("--k", type=pos_int, default=100, help="skipping step k (100 with multiple estimation, or 20)")
+    g.add_argument("--k-phi", type=pos_int, default=20, help="DDIM solver step k_phi")
+    g.add_argument("--no-multiple-estimation", action="store_true", help="one teacher DDIM step of size k (Eq. 18 off)")
+    g.add_argument("--w", type=float, default=8.0, help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
+    g.add_argument("--gamma-one-share", type=float, default=0.0,
+                   help="share of gamma draws at exactly 1 (0 = the paper's U[0, 1])")
+    g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="distance of Eq. 17")
+    g.add_argument("--huber-c", type=pos_float, default=0.001, help="pseudo-Huber c")
+    g.add_argument("--ema-mu", type=float, default=0.95, help="EMA rate of the target theta^-")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--lr", type=pos_float, default=8e-6, help="AdamW learning rate (may change on --resume)")
+    g.add_argument("--weight-decay", type=_number(float, 0), default=0.0, help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=pos_float, default=10.0, help="gradient clipping (Appendix A)")
+    g.add_argument("--batch-size", type=pos_int, default=8, help="images per step and process")
+    g.add_argument("--max-steps", type=pos_int, default=6000, help="stop after this many steps (may change on --resume)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="data order, noise and crops")
+    g = t.add_argument_group("checkpoints and logs")
+    g.add_argument("--output-dir", required=True, help="the run folder (new or empty; or a run with --resume)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    g.add_argument("--checkpoint-every", type=pos_int, default=500, help="steps between checkpoints")
+    g.add_argument("--validate-every", type=nonneg_int, default=500, help="steps between validation grids; 0: none")
+    g.add_argument("--validation-prompts", nargs="*", default=None, help="prompts of the validation grid")
+    g = t.add_argument_group("hardware")
+    g.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no",
+                   choices=["no", "fp16", "bf16"], help="precision of the frozen teacher, VAE, text encoder and autocast")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' AdamW8bit")
 
-    s = sub.add_parser("sample", help="few-step images from a run or an exported pipeline")
-    s.add_argument("--model", required=True)
-    s.add_argument("--prompt", action="append", default=[])
-    s.add_argument("--prompts-file", help="one prompt per line")
-    s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resolution", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=8, help="prompts per batch; batch i uses seed + i")
-    s.add_argument("--out", default="samples")
+    s = sub.add_parser("sample", help="few-step images from a run or an exported pipeline", **fmt)
+    s.add_argument("--model", required=True, help="a training run or an exported pipeline folder")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    s.add_argument("--prompts-file", help="one prompt per line (e.g. 30k COCO captions)")
+    s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8], help="sampling steps (Eq. 19 + multistep)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="batch i uses seed + i")
+    s.add_argument("--resolution", type=pos_int, default=None, help="image size; default: the model's")
+    s.add_argument("--batch-size", type=pos_int, default=8, help="prompts per batch")
+    s.add_argument("--out", default="samples", help="folder for the images, manifest.jsonl and sample.json")
 
-    e = sub.add_parser("export", help="write a plain diffusers StableDiffusionPipeline (LCMScheduler)")
-    e.add_argument("--run", required=True)
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("export", help="write a plain diffusers StableDiffusionPipeline (LCMScheduler)", **fmt)
+    e.add_argument("--run", required=True, help="the training run")
+    e.add_argument("--out", required=True, help="a new or empty folder")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run or the cwd)")
 
-    m = sub.add_parser("make-tiny-sd", help="write a tiny random SD teacher for smoke tests")
-    m.add_argument("out")
-    m.add_argument("--prediction-type", default="epsilon")
+    m = sub.add_parser("make-tiny-sd", help="write a tiny random SD teacher for smoke tests", **fmt)
+    m.add_argument("out", help="a new or empty folder")
+    m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts")
     return p
 
 
@@ -1205,30 +1430,11 @@ def main(argv=None):
                 print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
             return res
         if args.cmd == "sample":
-            prompts = list(args.prompt)
-            if args.prompts_file:
-                f = Path(args.prompts_file)
-                if not f.is_file():
-                    raise UsageError(f"prompts file {f} does not exist")
-                prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
-            if not prompts:
-                raise UsageError("give at least one --prompt or a --prompts-file")
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-            sd, eps = load_distilled(args.model, dev)
-            out, imgs = Path(args.out), []
-            for b, i in enumerate(range(0, len(prompts), args.batch_size)):
-                batch = generate_images(sd, eps, prompts[i:i + args.batch_size], args.steps, args.seed + b,
-                                        args.resolution).cpu()
-                for j, im in enumerate(batch):
-                    save_grid(im[None], 1, out / f"{i + j:05d}.png")
-                if len(prompts) <= 64:
-                    imgs.append(batch)
-            if imgs:
-                save_grid(torch.cat(imgs), min(len(prompts), 8), out / "grid.png")
-            print(f"wrote {len(prompts)} images to {out}")
+            out = sample_to_folder(args)
+            print(f"wrote images, manifest.jsonl and grid to {out}")
             return out
         if args.cmd == "export":
-            print(f"exported to {export(args.run, args.out)}")
+            print(f"exported to {export(args.run, args.out, args.overwrite)}")
             return args.out
         if args.cmd == "make-tiny-sd":
             print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type)}")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,7 +66,12 @@ def test_train_writes_atomic_safetensors_checkpoints_and_validation(teacher, dat
     assert ck.name == "checkpoint-0000004"
     assert {p.name for p in ck.iterdir()} == {"student.safetensors", "target.safetensors", "optimizer.pt", "state.json"}
     assert not list(run.glob(".tmp-*"))
-    assert Image.open(run / "validation" / "step-0000004.png").size == (3 * 16, 2 * 16)  # 1/2/4 steps x 2 prompts
+    assert Image.open(run / "validation" / "step-0000004.png").size[0] > 300          # labelled grid, readable size
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows] == res["losses"]
+    assert all({"lr", "skipped", "time"} <= set(r) for r in rows) and rows[0]["lr"] == 1e-4
+    assert any(f.endswith("bad.png") for r in rows for f in r.get("skipped_files", []))  # named, not just counted
+    assert (run / "validation" / "loss.png").stat().st_size > 5000
 
 
 def test_kill_and_resume_continues_the_same_run(teacher, data, tmp_path):
@@ -143,7 +149,8 @@ def test_export_loads_in_diffusers_and_matches_our_sampler(which, teacher, teach
     ms.main(["export", "--run", str(run), "--out", str(out)])
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.prediction_type == which
-    assert not [k for k in pipe.unet.state_dict() if "gamma" in k]          # teacher architecture only
+    assert not [k for k in pipe.unet.state_dict() if "gamma" in k or "cond_proj" in k]   # teacher architecture
+    assert pipe.unet.config.time_cond_proj_dim is None
     prompts = ["a red square", "a blue square"]
     for steps in (1, 2, 4):
         ref = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, height=16, width=16,
@@ -162,7 +169,8 @@ def test_sample_cli_writes_images_and_grid(teacher, data, tmp_path):
     out = tmp_path / "s"
     ms.main(["sample", "--model", str(run), "--prompt", "a bird", "--prompts-file", str(pf), "--steps", "2",
              "--out", str(out), "--resolution", "16", "--batch-size", "2"])
-    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "grid.png",
+                                                     "manifest.jsonl", "sample.json"]
     assert Image.open(out / "grid.png").size == (48, 16)
 
 
@@ -247,7 +255,9 @@ def test_teacher_dir_without_parts(capsys, data, tmp_path):
 
 
 def test_unsupported_prediction_type(capsys, data, tmp_path):
-    t = ms.make_tiny_sd(str(tmp_path / "x0teacher"), prediction_type="sample")
+    t = ms.make_tiny_sd(str(tmp_path / "x0teacher"))
+    cfg = Path(t) / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "sample"}))  # an x0 teacher
     err = _error(capsys, ["train", "--teacher", t, "--data", data, "--output-dir", str(tmp_path / "r"), *FAST])
     assert "prediction_type" in err and "'sample'" in err
 
@@ -387,3 +397,165 @@ def test_torchrun_nan_on_one_rank_stops_every_rank(teacher, data, tmp_path):
     assert out.returncode != 0 and not list(tmp_path.glob("result-*.json"))   # both stopped (and did not hang)
     assert "nan at step 1" in out.stderr and "checkpoint-0000001" in out.stderr
     assert (run / "latest").read_text() == "checkpoint-0000001"
+
+
+# --- a user's work is never lost; every bad input refused before models load (issue 9) -----------
+
+
+@pytest.fixture(scope="module")
+def trained_run(teacher, data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    _train(teacher, data, run, "--max-steps", "1", "--checkpoint-every", "1", "--validate-every", "0")
+    return run
+
+
+def _tree(root: Path):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+BAD_INPUTS = [  # (argv with {T} teacher, {D} data, {R} trained run, {F} a user's file, {U} a user's folder), message
+    (["train", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["train", "--batch-size", "-1"], "--batch-size: must be >= 1"),
+    (["train", "--checkpoint-every", "0"], "--checkpoint-every: must be >= 1"),
+    (["train", "--lr", "-1"], "--lr: must be > 0"),
+    (["train", "--lr", "nan"], "--lr: must be > 0"),
+    (["train", "--max-steps", "0"], "--max-steps: must be >= 1"),
+    (["train", "--validate-every", "-5"], "--validate-every: must be >= 0"),
+    (["train", "--num-workers", "-1"], "--num-workers: must be >= 0"),
+    (["train", "--resolution", "15"], "multiple of the VAE factor 2"),
+    (["train", "--k", "0"], "--k: must be >= 1"),
+    (["train", "--gamma-one-share", "2"], "gamma_one_share"),
+    (["train", "--huber-c", "0"], "--huber-c: must be > 0"),
+    (["train", "--output-dir", "{U}"], "is not empty and is not a minisplam run"),
+    (["train", "--output-dir", "{F}"], "is a file"),
+    (["sample", "--model", "{R}", "--prompt", "x", "--batch-size", "0"], "--batch-size: must be >= 1"),
+    (["sample", "--model", "{R}", "--prompt", "x", "--out", "{F}"], "is an existing file"),
+    (["sample", "--model", "{R}", "--prompt", "x", "--out", "{U}"], "was not written by `sample`"),
+    (["sample", "--model", "{R}", "--prompt", "x", "--resolution", "15"], "multiple of the VAE factor"),
+    (["sample", "--model", "{R}"], "at least one --prompt"),
+    (["export", "--run", "{R}", "--out", "{U}"], "is not empty"),
+    (["export", "--run", "{R}", "--out", "{R}", "--overwrite"], "never replaces"),
+    (["export", "--run", "{R}", "--out", "{R}/..", "--overwrite"], "never replaces"),
+    (["export", "--run", "{R}", "--out", ".", "--overwrite"], "never replaces"),
+    (["export", "--run", "{R}", "--out", "{F}"], "is an existing file"),
+    (["make-tiny-sd", "{U}"], "is not empty"),
+    (["make-tiny-sd", "{T}x", "--prediction-type", "sample"], "invalid choice: 'sample'"),
+]
+
+
+@pytest.mark.parametrize("argv,msg", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_and_changes_no_file(argv, msg, capsys, teacher, data, trained_run, tmp_path,
+                                                          monkeypatch):
+    user = tmp_path / "user"
+    (user / "notes").mkdir(parents=True)
+    (user / "notes" / "thesis.txt").write_text("years of work")
+    (user / "file.txt").write_text("mine")
+    monkeypatch.chdir(user)
+    fill = {"{T}": str(tmp_path / "t"), "{D}": data, "{R}": str(trained_run), "{F}": str(user / "file.txt"),
+            "{U}": str(user / "notes")}
+    argv = [fill.get(a, a) for a in argv]
+    argv = [a.replace("{R}", str(trained_run)).replace("{T}", str(tmp_path / "t")) for a in argv]
+    if argv[0] == "train":
+        base = {"--teacher": teacher, "--data": data, "--output-dir": str(tmp_path / "new-run"), "--max-steps": "1",
+                "--validate-every": "0"}          # should a bad input slip through, the run still ends at once
+        base.update(zip(FAST[::2], FAST[1::2]))
+        argv += [x for k, v in base.items() if k not in argv for x in (k, v)]
+    before, before_run = _tree(user), _tree(trained_run)
+    with pytest.raises(SystemExit) as e:
+        ms.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _tree(user) == before and _tree(trained_run) == before_run and not (tmp_path / "new-run").exists()
+
+
+def test_export_never_deletes_and_overwrite_replaces_atomically(trained_run, tmp_path, capsys):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "dataset.txt").write_text("keep me")
+    assert "not empty" in _error(capsys, ["export", "--run", str(trained_run), "--out", str(out)])
+    assert (out / "dataset.txt").read_text() == "keep me"
+    leftover = tmp_path / ".tmp-export-pipe-abc"                       # a killed export's temporary folder
+    leftover.mkdir()
+    (leftover / "unet.bin").write_text("half-written")
+    ms.main(["export", "--run", str(trained_run), "--out", str(out), "--overwrite"])
+    assert (out / "model_index.json").is_file() and not (out / "dataset.txt").exists()
+    assert not list(tmp_path.glob(".tmp-export-*"))                    # cleaned up, never a second copy
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ms.main(["export", "--run", str(trained_run), "--out", str(empty)])  # an empty folder is fine
+    assert (empty / "model_index.json").is_file()
+
+
+def test_mixed_precision_bf16_trains_validates_samples_and_exports(teacher, data, tmp_path):
+    run = tmp_path / "run"
+    res = _train(teacher, data, run, "--max-steps", "2", "--checkpoint-every", "2", "--validate-every", "1",
+                 "--mixed-precision", "bf16")
+    assert res["step"] == 2 and all(math.isfinite(l) for l in res["losses"])
+    assert (run / "validation" / "step-0000002.png").is_file()
+    ms.main(["sample", "--model", str(run), "--prompt", "a red square", "--out", str(tmp_path / "s"),
+             "--resolution", "16", "--steps", "2"])
+    ms.main(["export", "--run", str(run), "--out", str(tmp_path / "e")])
+    assert (tmp_path / "s" / "00000.png").is_file() and (tmp_path / "e" / "model_index.json").is_file()
+
+
+def test_runs_are_portable_and_resume_allows_safe_changes(teacher, data, tmp_path, monkeypatch):
+    """Relative paths are stored absolute; `imgs/` and `imgs` are the same data; --lr may change on resume (logged
+    and applied); leftovers of a killed checkpoint are removed; a run with no checkpoint yet starts at step 0."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(teacher, work / "teacher")
+    shutil.copytree(data, work / "imgs")
+    monkeypatch.chdir(work)
+    args = ["train", "--teacher", "teacher", "--output-dir", "run", *FAST, "--validate-every", "0",
+            "--checkpoint-every", "1"]
+    ms.main([*args, "--data", "imgs", "--max-steps", "1"])
+    cfg = json.loads((work / "run" / "config.json").read_text())
+    assert cfg["teacher"] == str(work / "teacher") and cfg["data"] == str(work / "imgs")
+    (work / "run" / ".tmp-checkpoint-killed").mkdir()                  # a checkpoint killed half-way
+    res = ms.main([*args, "--data", "imgs/", "--max-steps", "2", "--lr", "5e-5", "--resume"])
+    assert res["step"] == 2 and not list((work / "run").glob(".tmp-*"))
+    rows = [json.loads(l) for l in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1] == {"event": "resume", "step": 1, "changed": {"lr": [1e-4, 5e-5], "max_steps": [1, 2]}}
+    assert rows[0]["lr"] == 1e-4 and rows[2]["lr"] == 5e-5
+    monkeypatch.chdir(tmp_path)                                          # elsewhere: sample and export still work
+    ms.main(["sample", "--model", str(work / "run"), "--prompt", "a cat", "--out", "s", "--resolution", "16"])
+    ms.main(["export", "--run", str(work / "run"), "--out", "e"])
+    (work / "fresh").mkdir()
+    (work / "fresh" / "config.json").write_text((work / "run" / "config.json").read_text().replace(
+        str(work / "run"), str(work / "fresh")))                          # killed before its first checkpoint
+    monkeypatch.chdir(work)
+    res = ms.main([*args[:4], "fresh", *args[5:], "--data", "imgs", "--max-steps", "2", "--lr", "5e-5", "--resume"])
+    assert res["step"] == 2 and len(res["losses"]) == 2
+
+
+def test_sample_resumes_with_a_manifest_and_refuses_other_settings(trained_run, tmp_path, capsys):
+    out = tmp_path / "gen"
+    pf = tmp_path / "p.txt"
+    pf.write_text("a red square\na blue square\na green square\n")
+    argv = ["sample", "--model", str(trained_run), "--prompts-file", str(pf), "--out", str(out), "--resolution", "16",
+            "--batch-size", "2"]
+    ms.main(argv)
+    rows = [json.loads(l) for l in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["prompt"], r["seed"], r["file"]) for r in rows] == [
+        (0, "a red square", 0, "00000.png"), (1, "a blue square", 0, "00001.png"), (2, "a green square", 1, "00002.png")]
+    first = (out / "00002.png").read_bytes()
+    (out / "00002.png").unlink()                                         # as if killed before the last batch
+    mtime = (out / "00000.png").stat().st_mtime_ns
+    ms.main(argv)
+    assert (out / "00000.png").stat().st_mtime_ns == mtime               # done batches are skipped
+    assert (out / "00002.png").read_bytes() == first                     # the missing one is the same image
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 3
+    assert "other settings" in _error(capsys, [*argv, "--steps", "2"])
+    pf.write_text("a cat\n")
+    assert "other prompts" in _error(capsys, argv)
+
+
+def test_help_is_grouped_with_defaults(capsys):
+    with pytest.raises(SystemExit):
+        ms.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for group in ("data:", "model:", "SPLAD (Alg. 1):", "optimisation:", "checkpoints and logs:", "hardware:"):
+        assert group in out
+    assert "(default: 8)" in out and "(default: 0.95)" in out and "(default: fourier4)" in out
