@@ -299,7 +299,7 @@ def _authors(g):  # the authors' script: index 10 - 10 gamma through LCM's x1000
 GAMMA_FEATURES = {"fourier16": (_smooth(16), 32), "fourier4": (_smooth(4), 8), "authors": (_authors, 256)}
 
 
-def gamma_features(gamma: torch.Tensor, kind: str = "fourier4") -> torch.Tensor:
+def gamma_features(gamma: torch.Tensor, kind: str = "authors") -> torch.Tensor:
     """c(gamma) = phi(gamma) - phi(1): the UNet's `timestep_cond`, exactly 0 at gamma = 1."""
     phi, _ = GAMMA_FEATURES[kind]
     g = gamma.float()
@@ -329,8 +329,8 @@ class SPLADConfig:
     loss: str = "huber"               # "huber" (c = huber_c) or "l2"
     huber_c: float = 0.001
     ema_mu: float = 0.95
-    gamma_one_share: float = 0.0      # share of draws at exactly gamma = 1 (0: the paper's U[0, 1])
-    gamma_features: str = "fourier4"  # phi(gamma) fed as timestep_cond: a key of GAMMA_FEATURES
+    gamma_one_share: float = 0.5      # share of draws at exactly gamma = 1; the paper: 0 (toy/study.py: 0.5)
+    gamma_features: str = "authors"   # phi(gamma) fed as timestep_cond: a key of GAMMA_FEATURES
     T: int = 1000
 
     def __post_init__(self):
@@ -533,7 +533,7 @@ def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusi
                            vp_schedule(scheduler.alphas_cumprod).to(device), pred)
 
 
-def add_gamma_path(unet: nn.Module, kind: str = "fourier4") -> nn.Module:
+def add_gamma_path(unet: nn.Module, kind: str = "authors") -> nn.Module:
     """The student: a copy of the teacher UNet built with diffusers' `time_cond_proj_dim` (Sec. 4.2), so that
     gamma_features(gamma) enters as `timestep_cond` through the zero-initialised, bias-free cond_proj."""
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}     # "_use_default_values" would
@@ -1367,7 +1367,7 @@ def build_parser():
     g.add_argument("--num-workers", type=nonneg_int, default=4, help="data loader processes")
     g = t.add_argument_group("model")
     g.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
-    g.add_argument("--gamma-features", default="fourier4", choices=sorted(GAMMA_FEATURES),
+    g.add_argument("--gamma-features", default="authors", choices=sorted(GAMMA_FEATURES),
                    help="Fourier features of gamma fed as the UNet's timestep_cond (toy/study.py compares them)")
     g = t.add_argument_group("SPLAD (Alg. 1)")
     g.add_argument("--objective", default="splam", choices=sorted(OBJECTIVES), help="training points (Sec. 4, Table 3)")
@@ -1375,8 +1375,8 @@ def build_parser():
     g.add_argument("--k-phi", type=pos_int, default=20, help="DDIM solver step k_phi")
     g.add_argument("--no-multiple-estimation", action="store_true", help="one teacher DDIM step of size k (Eq. 18 off)")
     g.add_argument("--w", type=float, default=8.0, help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
-    g.add_argument("--gamma-one-share", type=float, default=0.0,
-                   help="share of gamma draws at exactly 1 (0 = the paper's U[0, 1])")
+    g.add_argument("--gamma-one-share", type=float, default=0.5,
+                   help="share of gamma draws at exactly 1; the paper's U[0, 1] is 0 (README: why 0.5)")
     g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="distance of Eq. 17")
     g.add_argument("--huber-c", type=pos_float, default=0.001, help="pseudo-Huber c")
     g.add_argument("--ema-mu", type=float, default=0.95, help="EMA rate of the target theta^-")

@@ -558,4 +558,4 @@ def test_help_is_grouped_with_defaults(capsys):
     out = capsys.readouterr().out
     for group in ("data:", "model:", "SPLAD (Alg. 1):", "optimisation:", "checkpoints and logs:", "hardware:"):
         assert group in out
-    assert "(default: 8)" in out and "(default: 0.95)" in out and "(default: fourier4)" in out
+    assert "(default: 8)" in out and "(default: 0.95)" in out and "(default: authors)" in out

@@ -370,7 +370,7 @@ def frechet(f1, f2):
 
 
 def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, batch, lr, seed, k, device="cpu",
-            gamma_features="fourier4", gamma_one_share=0.0):
+            gamma_features="authors", gamma_one_share=0.5):
     """LCM or SPLAM with minisplam.splad_loss; the gamma path attached as in the SD student. Returns the EMA
     target with the gamma path dropped (the model sampling uses) and the training seconds."""
     cfg = ms.SPLADConfig(objective=objective, k=k, k_phi=20, w=w, loss="l2", gamma_features=gamma_features,
@@ -419,8 +419,8 @@ def main(argv=None):
     p.add_argument("--distill-iters", type=int, default=250)
     p.add_argument("--k", type=int, default=100, help="skipping step (100 = with multiple estimation, k_phi 20)")
     p.add_argument("--w", type=float, default=2.0, help="guidance scale (paper's w)")
-    p.add_argument("--gamma-features", default="fourier4", choices=sorted(ms.GAMMA_FEATURES))
-    p.add_argument("--gamma-one-share", type=float, default=0.0)
+    p.add_argument("--gamma-features", default="authors", choices=sorted(ms.GAMMA_FEATURES))
+    p.add_argument("--gamma-one-share", type=float, default=0.5, help="the paper: 0 (gamma ~ U[0, 1])")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--n-eval", type=int, default=500)

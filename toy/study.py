@@ -42,24 +42,29 @@ def screen_variants():
             for kind in ms.GAMMA_FEATURES for share in (0.0, 0.5)}
 
 
-def u_ablation(net, sched: ms.VPSchedule, k: int):
-    """Not SPLAM: the gamma = 1 network evaluated at the SL point's effective time u(gamma, t).
+def effective_time(gamma, t, s, sched: ms.VPSchedule):
+    """u(gamma, t) and alpha_u / alpha_t for the SL point between x_s and x_t (notebook 4).
 
     With one DDIM step x_s = alpha_s x0 + sigma_s eps, so x_{gamma,t} = alpha_t x0 + sigma'(gamma,t) eps: the teacher's
-    DDIM state at the u with rho(u) = sigma'/alpha_t = (1-gamma) rho(s) + gamma rho(t), rho = sigma/alpha, scaled by
-    alpha_t/alpha_u. The network gets x * alpha_u/alpha_t at time u (a float; the MLP's time features are smooth)."""
+    DDIM state at the u with rho(u) = sigma'/alpha_t = (1-gamma) rho(s) + gamma rho(t), rho = sigma/alpha (u is
+    fractional: linear in rho between grid points), scaled by alpha_t/alpha_u."""
     rho = (sched.sigma / sched.alpha).double()
-    grid = torch.arange(sched.T, dtype=torch.float64)
+    g = gamma.double()
+    r = (1 - g) * rho[s] + g * rho[t]
+    i = torch.searchsorted(rho, r).clamp(1, sched.T - 1)
+    u = (i - 1) + (r - rho[i - 1]) / (rho[i] - rho[i - 1])
+    scale = (1 / (1 + r**2).sqrt()) / sched.alpha[t].double()                   # alpha_u / alpha_t (VP)
+    one = gamma == 1
+    return torch.where(one, t.double(), u).float(), torch.where(one, torch.ones_like(scale), scale).float()
+
+
+def u_ablation(net, sched: ms.VPSchedule, k: int):
+    """Not SPLAM: the gamma = 1 network evaluated at the SL point's effective time u(gamma, t), with the point
+    rescaled to the teacher's DDIM state there (effective_time). It measures the cost of learning (t, gamma) -> u."""
 
     def model(x, t, c, gamma):
-        s = (t - k).clamp(min=0)
-        r = (1 - gamma.double()) * rho[s] + gamma.double() * rho[t]
-        i = torch.searchsorted(rho, r).clamp(1, sched.T - 1)
-        u = grid[i - 1] + (r - rho[i - 1]) / (rho[i] - rho[i - 1])              # linear in rho between grid points
-        u = torch.where(gamma == 1, t.double(), u)
-        scale = (1 / (1 + r**2).sqrt()) / sched.alpha[t].double()                # alpha_u / alpha_t (VP)
-        scale = torch.where(gamma == 1, torch.ones_like(scale), scale)
-        return net(x * scale[:, None].float(), u.float(), c, None)
+        u, scale = effective_time(gamma, t, (t - k).clamp(min=0), sched)
+        return net(x * scale[:, None], u, c, None)
 
     return model
 
@@ -178,6 +183,42 @@ def table(rows, phase=None):
     return "\n".join(lines)
 
 
+def readme_block(report) -> str:
+    """The README's study section body, generated from the JSON (python toy/study.py --report rewrites it)."""
+    st, runs = report["settings"], report["runs"]
+    core_min = sum(r["wall_s"] for r in runs) / 60
+    main = [r for r in runs if not ("share=" in r["method"])]
+    conv = sum(r["converged"] for r in main)
+    return "\n".join([
+        f"Settings: {st['iters']} iterations per run (screen: {st['screen_iters']}), batch {st['batch']}, AdamW lr "
+        f"{st['lr']}, w = {st['w']}, L2 loss, EMA 0.95, evaluation on {st['n_eval']} fixed noises. "
+        f"{len(runs)} runs, {core_min:.0f} core-minutes of training and evaluation on this 2-core CPU "
+        f"(`{report.get('command', 'python toy/study.py')}`, 2 worker processes).",
+        "",
+        "*1-step error* = mean ‖F(x_T) − ODE₂₀₀(x_T)‖ from the same noise: an upper bound on the Wasserstein-1 distance, with no sampling floor. "
+        "*SW2* = sliced W2 against an independent set of teacher ODE samples; its *floor* (two independent teacher sets) "
+        "is in the next column. *converged*: runs whose 1-step error fell less than 5% between the last two fifths "
+        f"of training (`converged()` in toy/study.py); {conv} of {len(main)} main runs.",
+        "",
+        f"Screen (seed 0, exact teacher, 128 wide, k = 20, {st['screen_iters']} iterations); best: "
+        f"**{report['best_variant']['method']}**",
+        "",
+        report["screen_table"],
+        "",
+        "Main comparison (mean ± std over seeds):",
+        "",
+        report["table"],
+    ])
+
+
+def write_readme(report, readme: Path):
+    text = readme.read_text()
+    begin, end = "<!-- study2d:begin (python toy/study.py --report) -->", "<!-- study2d:end -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + begin + "\n" + readme_block(report) + "\n" + end + rest.split(end, 1)[1])
+
+
 def plot(report, path: Path):
     import matplotlib
 
@@ -215,6 +256,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--report", action="store_true", help="only summarise the runs already in the JSON (table, figure)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     q = a.quick
@@ -236,9 +278,9 @@ def main(argv=None):
         variants = dict(list(variants.items())[:2])
     cache = a.out / "cache"
     with ProcessPoolExecutor(a.workers) as pool:                        # pre-train every (seed, width) once
-        list(pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, w)
+        list([] if a.report else pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, w)
                                   for s in range(settings["seeds"]) for w in settings["widths"]]))
-    run_tasks([{"args": {**settings, "iters": settings["screen_iters"]}, "teacher": "exact", "width": 128, "seed": 0,
+    run_tasks([] if a.report else [{"args": {**settings, "iters": settings["screen_iters"]}, "teacher": "exact", "width": 128, "seed": 0,
                 "methods": {f"{n} k=20": {**s, "k": 20} for n, s in variants.items()}}], report, path, a.workers, cache)
     screen = [r for r in report["runs"] if r["method"].startswith("SPLAM ") and "share=" in r["method"]]
     best = min(screen, key=lambda r: r["err_1step"])
@@ -247,25 +289,31 @@ def main(argv=None):
 
     # Phase 2: the main comparison on every seed
     methods = {"LCM": dict(objective="lcm"), "SPLAM paper": PAPER, "SPLAM best": best_spec,
-               "DL": dict(objective="dl", gamma_features=best_spec["gamma_features"])}
+               "DL": dict(objective="dl", gamma_features=best_spec["gamma_features"], gamma_one_share=0.0)}
     ks = {"k=20": dict(k=20), "k=100 ME": dict(k=100)}
     main_set = {f"{m} {kn}": {**s, **kv} for m, s in methods.items() for kn, kv in ks.items()}
-    k20 = {n: s for n, s in main_set.items() if n.endswith("k=20")}
-    u_abl = {f"u-ablation {kn}": {"objective": "splam", "u_ablation": True, **kv} for kn, kv in ks.items()}
+    k20 = {n: main_set[n] for n in ("LCM k=20", "SPLAM best k=20", "SPLAM paper k=20", "DL k=20")}
+    u_abl = {f"u-ablation {kn}": {"objective": "splam", "gamma_one_share": 0.0, "u_ablation": True, **kv}
+             for kn, kv in ks.items()}
     seeds = range(settings["seeds"])
-    tasks = ([{"args": settings, "teacher": "exact", "width": 128, "seed": s, "methods": {**main_set, **u_abl}} for s in seeds]
+    tasks = ([{"args": settings, "teacher": "exact", "width": 128, "seed": s,             # u-ablation k=100: seed 0
+               "methods": {**main_set, **{n: v for n, v in u_abl.items() if s == 0 or n.endswith("k=20")}}}
+              for s in seeds]
              + [{"args": settings, "teacher": "learned", "width": 128, "seed": s, "methods": k20} for s in seeds]
              + [{"args": settings, "teacher": "exact", "width": w, "seed": s, "methods": k20}
                 for w in settings["widths"][1:] for s in seeds])
-    run_tasks(tasks, report, path, a.workers, cache)
+    if not a.report:
+        run_tasks(tasks, report, path, a.workers, cache)
 
-    report["wall_s"] += time.perf_counter() - t0
+    report["wall_s"] += 0 if a.report else time.perf_counter() - t0
     report["summary"] = summary(report)
     report["command"] = cmd
     report["table"] = table(report["summary"], "main")
     report["screen_table"] = table(report["summary"], "screen")
     save(path, report)
     plot(report, a.out / ("study2d_quick.png" if q else "study2d.png"))
+    if not q and a.out == RESULTS:
+        write_readme(report, RESULTS.parent.parent / "README.md")
     print("\nScreen (seed 0, exact teacher, width 128, k=20):\n" + report["screen_table"])
     print(f"\nbest variant: {best['method']}\n\n" + report["table"])
     print(f"\nwrote {path} in {report['wall_s']:.0f}s of wall time ({cmd})")

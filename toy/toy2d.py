@@ -84,7 +84,7 @@ class MLP(nn.Module):
     """eps_theta(x, t, c, gamma) for 2D points. Time and gamma go through diffusers' TimestepEmbedding exactly as
     in the SD UNet: gamma_features(gamma) enters the time MLP's input through its zero-initialised cond_proj."""
 
-    def __init__(self, hidden: int = 128, blocks: int = 3, n_classes: int = 3, gamma_kind: str = "fourier4"):
+    def __init__(self, hidden: int = 128, blocks: int = 3, n_classes: int = 3, gamma_kind: str = "authors"):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding
 
