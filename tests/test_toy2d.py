@@ -60,3 +60,48 @@ def test_smoke_run_writes_json_and_png(tmp_path):
     r = data["runs"]["SPLAM k=20"][0]
     assert all(r[k] > 0 for k in ("sw2_1", "sw2_2", "sw2_4", "err_1step"))
     assert data["noise_floor"][0] > 0 and rep["delta_seed0"]["SPLAM k=20"]["t"][0] == 119
+
+
+# --- the convergence study (toy/study.py): plumbing, not its numbers ----------------------------
+
+
+def test_study_quick_runs_every_method_and_resumes(tmp_path):
+    from toy import study
+
+    rep = study.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "study2d_quick.json").read_text())
+    methods = {r["method"] for r in data["runs"]}
+    assert {"LCM k=20", "SPLAM paper k=100 ME", "SPLAM best k=20", "DL k=100 ME", "u-ablation k=20"} <= methods
+    assert {r["teacher"] for r in data["runs"]} == {"exact", "learned"}
+    assert data["best_variant"]["method"] in methods and (tmp_path / "study2d_quick.png").stat().st_size > 10_000
+    r = data["runs"][0]
+    assert r["err_1step"] > 0 and r["noise_floor"] > 0 and len(r["curve"]["err_1"]) == len(r["curve"]["iter"]) == 3
+    n = len(data["runs"])
+    again = study.main(["--quick", "--out", str(tmp_path)])                # resumable: nothing is run twice
+    assert len(again["runs"]) == n and again["table"] == rep["table"]
+
+
+def test_study_convergence_rule():
+    from toy import study
+
+    it = list(range(0, 1001, 100))
+    assert study.converged({"iter": it, "err_1": [1.0] * 11})[0]                 # flat: converged
+    assert not study.converged({"iter": it, "err_1": [1.0 - 0.08 * i for i in range(11)]})[0]   # still falling
+
+
+def test_effective_time_gives_the_ddim_state():
+    """x_{gamma,t} (Eq. 12, one DDIM step) = alpha_t/alpha_u times the teacher's DDIM state at u(gamma, t)."""
+    from toy import study
+
+    sched = ms.sd_schedule()
+    t = torch.tensor([519, 999, 119, 39, 700])
+    s = (t - 100).clamp(min=0)
+    gam = torch.tensor([0.3, 0.7, 0.5, 1.0, 0.0])
+    u, scale = study.effective_time(gam, t, s, sched)
+    assert u[3] == 39 and abs(u[4] - s[4]) < 0.01 and ((u >= s) & (u <= t)).all()
+    x0, eps = torch.randn(5, 2), torch.randn(5, 2)
+    a_t, s_t = ms.alpha_sigma(sched, t, x0)
+    a_s, s_s = ms.alpha_sigma(sched, s, x0)
+    x_g, _, _ = ms.sl_point(a_t * x0 + s_t * eps, a_s * x0 + s_s * eps, gam[:, None], a_t, s_t, a_s, s_s)
+    a_u = a_t * scale[:, None]
+    assert torch.allclose(scale[:, None] * x_g, a_u * x0 + (1 - a_u**2).sqrt() * eps, atol=1e-5)
