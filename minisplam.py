@@ -1291,6 +1291,90 @@ def sample_to_folder(args):
     return out
 
 
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"          # torch-fidelity's FID Inception weights
+
+
+def _image_files(folder: Path, what: str):
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                   and not p.name.startswith(".") and p.name != "grid.png") if folder.is_dir() else []
+    if len(files) < 2:
+        raise UsageError(f"{what} {folder} needs a folder with at least 2 images")
+    return files
+
+
+def evaluate(args) -> dict:
+    """`evaluate`: FID of --images against --reference (torchmetrics), and CLIP score of --images against the
+    prompts of their manifest.jsonl (transformers' CLIP), the paper's metrics (Sec. 5). Every feature extractor is
+    read from a local path or cache; a missing one is refused before any work."""
+    from PIL import Image
+    import numpy as np
+
+    images = Path(args.images)
+    fakes = _image_files(images, "--images")
+    reals = _image_files(Path(args.reference), "--reference") if args.reference else None
+    if not reals and not args.clip_model:
+        raise UsageError("give --reference (for FID) and/or --clip-model (for the CLIP score)")
+    rows = []
+    if args.clip_model:
+        man = images / "manifest.jsonl"
+        if not man.is_file():
+            raise UsageError(f"the CLIP score needs {man}: make the images with `minisplam.py sample`")
+        rows = [json.loads(l) for l in man.read_text().splitlines() if l.strip()]
+        clip_src = Path(args.clip_model).expanduser()
+        if not clip_src.is_dir():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(args.clip_model, "config.json"), str):
+                raise UsageError(f"CLIP model {args.clip_model!r} is neither a local folder nor in the Hugging Face "
+                                 "cache: download it where there is internet (e.g. `huggingface-cli download "
+                                 "openai/clip-vit-large-patch14`) or pass a local folder")
+    if reals is not None:
+        if args.fid_features == "inception":
+            weights = Path(args.inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+            if not weights.is_file():
+                raise UsageError(f"FID needs the Inception weights {INCEPTION_FILE} at {weights}: download them where "
+                                 "there is internet (torch-fidelity fetches them on first use) or pass --inception-weights")
+            try:
+                from torchmetrics.image.fid import NoTrainInceptionV3
+                extractor = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
+            except (ImportError, ModuleNotFoundError) as e:
+                raise UsageError(f"FID with Inception needs torchmetrics and torch-fidelity ({e}): "
+                                 "pip install -e '.[eval]'") from e
+        else:
+            extractor = torch.jit.load(args.fid_features)          # any (N, 3, H, W) uint8 -> (N, D) module
+    from tqdm.auto import tqdm
+
+    def batches(files):
+        for i in range(0, len(files), args.batch_size):
+            arr = [np.array(Image.open(f).convert("RGB").resize((args.size, args.size), Image.BICUBIC))
+                   for f in files[i:i + args.batch_size]]
+            yield files[i:i + args.batch_size], torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
+
+    result = {"images": str(images.resolve()), "n_images": len(fakes)}
+    if reals is not None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=extractor)
+        for real, files in ((True, reals), (False, fakes)):
+            for _, x in tqdm(batches(files), desc=f"FID {'reference' if real else 'images'}", unit="batch"):
+                fid.update(x, real=real)
+        result.update(fid=fid.compute().item(), reference=str(Path(args.reference).resolve()), n_reference=len(reals))
+    if rows:
+        from transformers import CLIPModel, CLIPProcessor
+
+        prompt = {r["file"]: r["prompt"] for r in rows}
+        model, proc = CLIPModel.from_pretrained(args.clip_model).eval(), CLIPProcessor.from_pretrained(args.clip_model)
+        scored, scores = [f for f in fakes if f.name in prompt], []
+        for files, x in tqdm(batches(scored), desc="CLIP score", unit="batch"):
+            with torch.no_grad():                      # CLIP score = 100 max(cos(image, text), 0) (Hessel et al.)
+                out = model(**proc(text=[prompt[f.name] for f in files], images=list(x), return_tensors="pt",
+                                   padding=True, truncation=True))
+            scores.append(100 * (out.image_embeds * out.text_embeds).sum(-1).clamp(min=0))
+        result.update(clip_score=torch.cat(scores).mean().item(), clip_model=args.clip_model, n_clip=len(scored))
+    _write_atomic(images / "eval.json", json.dumps(result, indent=1))
+    return result
+
+
 def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
     """A tiny, randomly initialised SD teacher (UNet, VAE, CLIP, tokenizer from a local vocab)
     for tests and CPU smoke runs of the CLI. Its images are noise; its code paths are SD's."""
@@ -1415,6 +1499,18 @@ def build_parser():
     e.add_argument("--out", required=True, help="a new or empty folder")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run or the cwd)")
 
+    v = sub.add_parser("evaluate", help="FID and CLIP score of a folder of generated images (torchmetrics)", **fmt)
+    v.add_argument("--images", required=True, help="folder written by `sample` (images + manifest.jsonl)")
+    v.add_argument("--reference", help="folder of reference images for FID (e.g. COCO val at 512 px)")
+    v.add_argument("--fid-features", default="inception",
+                   help="'inception' (torch-fidelity's FID Inception) or a TorchScript file (N,3,H,W) uint8 -> (N,D)")
+    v.add_argument("--inception-weights", default=None,
+                   help=f"local {INCEPTION_FILE}; default: the torch hub cache")
+    v.add_argument("--clip-model", default=None, help="local folder or cached hub id of a CLIP model, e.g. "
+                                                        "openai/clip-vit-large-patch14 (the paper: OpenCLIP ViT-g/14)")
+    v.add_argument("--size", type=pos_int, default=299, help="images are resized to size x size before the extractors")
+    v.add_argument("--batch-size", type=pos_int, default=50, help="images per batch")
+
     m = sub.add_parser("make-tiny-sd", help="write a tiny random SD teacher for smoke tests", **fmt)
     m.add_argument("out", help="a new or empty folder")
     m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
@@ -1437,6 +1533,10 @@ def main(argv=None):
         if args.cmd == "export":
             print(f"exported to {export(args.run, args.out, args.overwrite)}")
             return args.out
+        if args.cmd == "evaluate":
+            res = evaluate(args)
+            print(json.dumps(res, indent=1))
+            return res
         if args.cmd == "make-tiny-sd":
             print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type)}")
             return args.out

@@ -439,6 +439,8 @@ BAD_INPUTS = [  # (argv with {T} teacher, {D} data, {R} trained run, {F} a user'
     (["export", "--run", "{R}", "--out", ".", "--overwrite"], "never replaces"),
     (["export", "--run", "{R}", "--out", "{F}"], "is an existing file"),
     (["make-tiny-sd", "{U}"], "is not empty"),
+    (["evaluate", "--images", "{U}", "--reference", "{U}"], "at least 2 images"),
+    (["evaluate", "--images", "{R}", "--size", "0"], "--size: must be >= 1"),
     (["make-tiny-sd", "{T}x", "--prediction-type", "sample"], "invalid choice: 'sample'"),
 ]
 
@@ -559,3 +561,57 @@ def test_help_is_grouped_with_defaults(capsys):
     for group in ("data:", "model:", "SPLAD (Alg. 1):", "optimisation:", "checkpoints and logs:", "hardware:"):
         assert group in out
     assert "(default: 8)" in out and "(default: 0.95)" in out and "(default: authors)" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny, randomly initialised CLIP (model + processor) saved locally: CLIP weights cannot be downloaded here."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    d = tmp_path_factory.mktemp("clip")
+    tok_dir = Path(ms.make_tiny_sd(str(d / "sd"))) / "tokenizer"
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                                          eos_token_id=1, pad_token_id=1),
+                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=16, patch_size=8),
+                         projection_dim=8)).save_pretrained(d / "model")
+    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  CLIPTokenizer.from_pretrained(tok_dir)).save_pretrained(d / "model")
+    return str(d / "model")
+
+
+def test_evaluate_fid_and_clip_score_offline(trained_run, tiny_clip, tmp_path, capsys):
+    """`evaluate` through torchmetrics with small extractors built here; FID of a set against itself is ~0."""
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    ref.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(ref / f"{i}.png")
+    ms.main(["sample", "--model", str(trained_run), "--out", str(gen), "--resolution", "16",
+             *[x for i in range(6) for x in ("--prompt", f"a {'red blue green cat dog owl'.split()[i]} square")]])
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, 4), torch.nn.Flatten(), torch.nn.Linear(64, 4)).eval()
+
+    class Features(torch.nn.Module):                   # uint8 images in, as torchmetrics' FID passes them
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(torch.nn.functional.interpolate(x.float() / 255, size=16))
+
+    feats = tmp_path / "features.pt"
+    torch.jit.script(Features()).save(str(feats))
+    base = ["evaluate", "--images", str(gen), "--fid-features", str(feats), "--size", "16"]
+    res = ms.main([*base, "--reference", str(ref), "--clip-model", tiny_clip])
+    assert res["n_images"] == 6 and res["n_clip"] == 6 and res["fid"] > 0 and math.isfinite(res["clip_score"])
+    assert json.loads((gen / "eval.json").read_text()) == res
+    same = ms.main(["evaluate", "--images", str(ref), "--reference", str(ref), "--fid-features", str(feats),
+                    "--size", "16"])
+    assert abs(same["fid"]) < 1e-3 * res["fid"]                                # a set against itself
+    assert "Inception weights" in _error(capsys, [*base[:3], "--reference", str(ref), "--inception-weights",
+                                                  str(tmp_path / "none.pth")])
+    assert "neither a local folder nor in the Hugging Face cache" in _error(
+        capsys, [*base, "--clip-model", "nobody/no-such-clip"])
+    assert "at least 2 images" in _error(capsys, ["evaluate", "--images", str(tmp_path / "none"), "--reference", str(ref)])
