@@ -1174,15 +1174,16 @@ def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device=
     return generate_images(sd, eps, prompts, steps, seed, resolution)
 
 
-def check_output(out: Path, flag: str, overwrite: bool = False, protect=()) -> Path:
+def check_output(out: Path, flag: str, overwrite=False, protect=()) -> Path:
     """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite`; even
     then never a folder in `protect` (the current folder, the run being read) or one that contains them."""
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is an existing file: choose a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"{flag} {out} is not empty: choose a new folder, or pass --overwrite to replace it")
+        if not overwrite:                               # None: the command has no --overwrite
+            raise UsageError(f"{flag} {out} is not empty: choose a new folder" +
+                             (", or pass --overwrite to replace it" if overwrite is False else ""))
         for p in (Path.cwd(), *protect):
             p = Path(p).resolve()
             if out == p or out in p.parents:
@@ -1382,7 +1383,7 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     check_prediction_type(prediction_type)
-    out = check_output(Path(out_dir), "make-tiny-sd OUT")
+    out = check_output(Path(out_dir), "make-tiny-sd OUT", overwrite=None)
     torch.manual_seed(seed)
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
