@@ -789,24 +789,47 @@ RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_
                   "validation_prompts", "world_size"}
 
 
+TMP_MARK = ".minisplam-tmp"             # written into every temporary folder this program makes, and checked
+
+
+def own_tmpdir(prefix: str, parent: Path) -> Path:
+    """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (tmp / TMP_MARK).touch()
+    return tmp
+
+
+def finish_tmpdir(tmp: Path, final: Path):
+    """Drop the mark and rename the finished folder into place (atomic)."""
+    (tmp / TMP_MARK).unlink()
+    os.replace(tmp, final)
+
+
+def remove_own_tmpdirs(parent: Path, pattern: str):
+    """Remove what a killed run left: only folders matching `pattern` that carry our mark, never a user's lookalike."""
+    for old in parent.glob(pattern):
+        if (old / TMP_MARK).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, keep: int = 2) -> Path:
     """Write run/checkpoint-<step> via a temporary folder + rename, then point `latest` at it.
     A kill at any moment leaves the previous checkpoint and `latest` intact."""
     from safetensors.torch import save_model
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=run))
+    tmp = own_tmpdir(".tmp-checkpoint-", run)
     save_model(student, str(tmp / "student.safetensors"))
     save_model(target, str(tmp / "target.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     final = run / f"checkpoint-{step:07d}"
-    if final.exists():
+    if (final / "state.json").is_file():                     # our own checkpoint of this step, from before a resume
         shutil.rmtree(final)
-    os.replace(tmp, final)
+    finish_tmpdir(tmp, final)
     ptr = run / ".latest.tmp"
     ptr.write_text(final.name)
     os.replace(ptr, run / "latest")
-    for old in sorted(run.glob("checkpoint-*"))[:-keep]:
+    for old in sorted(p for p in run.glob("checkpoint-*") if (p / "state.json").is_file())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1064,8 +1087,7 @@ def train(args) -> dict:
     log = MetricsLog(run / "metrics.jsonl")
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
-        for tmp in [*run.glob(".tmp-checkpoint-*"), run / ".latest.tmp"]:   # left by a kill mid-checkpoint
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove_own_tmpdirs(run, ".tmp-checkpoint-*")                        # left by a kill mid-checkpoint
         _write_atomic(run / "config.json", json.dumps(settings, indent=1))
         log.truncate(step)                                  # steps after the checkpoint will be run again
         if args.resume:
@@ -1202,8 +1224,7 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
     if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
         raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
     out = check_output(Path(out_dir), "--out", overwrite, protect=[run])
-    for old in out.parent.glob(f".tmp-export-{out.name}-*"):                     # left by a killed export
-        shutil.rmtree(old, ignore_errors=True)
+    remove_own_tmpdirs(out.parent, f".tmp-export-{out.name}-*")                  # left by a killed export
     sd = load_run(run)
     scheduler = LCMScheduler.from_config(sd.scheduler_config, timestep_scaling=10.0, original_inference_steps=50,
                                          clip_sample=False)
@@ -1211,15 +1232,15 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
                                    unet=sd.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out.name}-", dir=out.parent))    # build, then rename
+    tmp = own_tmpdir(f".tmp-export-{out.name}-", out.parent)                        # build, then rename
     pipe.save_pretrained(tmp)
-    if out.exists():                                   # empty, or --overwrite: swap, then remove the old copy
-        old = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out.name}-old-", dir=out.parent))
+    if out.exists():           # empty, or the user's --overwrite: swap, then remove the old copy (check_output vetted it)
+        old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)
         os.replace(out, old / "x")
-        os.replace(tmp, out)
+        finish_tmpdir(tmp, out)
         shutil.rmtree(old)
     else:
-        os.replace(tmp, out)
+        finish_tmpdir(tmp, out)
     return str(out)
 
 

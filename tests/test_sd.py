@@ -477,12 +477,16 @@ def test_export_never_deletes_and_overwrite_replaces_atomically(trained_run, tmp
     (out / "dataset.txt").write_text("keep me")
     assert "not empty" in _error(capsys, ["export", "--run", str(trained_run), "--out", str(out)])
     assert (out / "dataset.txt").read_text() == "keep me"
-    leftover = tmp_path / ".tmp-export-pipe-abc"                       # a killed export's temporary folder
-    leftover.mkdir()
+    leftover = ms.own_tmpdir(".tmp-export-pipe-", tmp_path)            # a killed export's temporary folder
     (leftover / "unet.bin").write_text("half-written")
+    lookalike = tmp_path.parent / f"{tmp_path.name}-user" / ".tmp-export-pipe-mine"   # a user's, same name pattern
+    lookalike.mkdir(parents=True)
     ms.main(["export", "--run", str(trained_run), "--out", str(out), "--overwrite"])
     assert (out / "model_index.json").is_file() and not (out / "dataset.txt").exists()
     assert not list(tmp_path.glob(".tmp-export-*"))                    # cleaned up, never a second copy
+    user_dir = lookalike.parent
+    ms.main(["export", "--run", str(trained_run), "--out", str(user_dir / "pipe")])
+    assert lookalike.is_dir()                                          # not ours: never removed
     empty = tmp_path / "empty"
     empty.mkdir()
     ms.main(["export", "--run", str(trained_run), "--out", str(empty)])  # an empty folder is fine
@@ -515,7 +519,7 @@ def test_runs_are_portable_and_resume_allows_safe_changes(teacher, data, tmp_pat
     ms.main([*args, "--data", "imgs", "--max-steps", "1"])
     cfg = json.loads((work / "run" / "config.json").read_text())
     assert cfg["teacher"] == str(work / "teacher") and cfg["data"] == str(work / "imgs")
-    (work / "run" / ".tmp-checkpoint-killed").mkdir()                  # a checkpoint killed half-way
+    ms.own_tmpdir(".tmp-checkpoint-", work / "run")                    # a checkpoint killed half-way
     res = ms.main([*args, "--data", "imgs/", "--max-steps", "2", "--lr", "5e-5", "--resume"])
     assert res["step"] == 2 and not list((work / "run").glob(".tmp-*"))
     rows = [json.loads(l) for l in (work / "run" / "metrics.jsonl").read_text().splitlines()]
