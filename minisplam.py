@@ -275,13 +275,6 @@ OBJECTIVES = {
 # cond_proj starts at zero, and c = 0 at gamma = 1, so at gamma = 1 (all of sampling, Eq. 19)
 # the student is EXACTLY the teacher's architecture for any trained weights.
 
-def fourier_features(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features of a scalar per sample (as for timesteps / LCM's w embedding)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device) / half)
-    args = x.float()[:, None] * freqs[None]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-
 
 def _smooth(n):  # [sin(pi j gamma), cos(pi j gamma)], j = 1..n: periods >= 2/n in gamma
     return lambda g: torch.cat([torch.sin(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device)),

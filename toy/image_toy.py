@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
 
 import minisplam as ms
 
@@ -226,8 +227,8 @@ class AMEDPredictor(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h, sig_next, sig_cur):
-        temb = torch.cat([ms.fourier_features(100 * sig_next.log().expand(len(h)), self.t_dim),
-                          ms.fourier_features(100 * sig_cur.log().expand(len(h)), self.t_dim)], 1)
+        temb = torch.cat([get_timestep_embedding(100 * sig_next.log().expand(len(h)), self.t_dim, downscale_freq_shift=0),
+                          get_timestep_embedding(100 * sig_cur.log().expand(len(h)), self.t_dim, downscale_freq_shift=0)], 1)
         rc = torch.sigmoid(self.out(torch.cat([self.feat(h), temb], 1)))
         return rc[:, :1], 2 * rc[:, 1:]
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from diffusers.models.embeddings import get_timestep_embedding
 
 import minisplam as ms
 
@@ -99,7 +100,7 @@ class MLP(nn.Module):
 
     def forward(self, x, t, labels, gamma=None):
         c = None if gamma is None else ms.gamma_features(gamma, self.gamma_kind)      # timestep_cond
-        e = self.time_embedding(ms.fourier_features(t.float(), self.t_dim), c) + self.c_emb(labels)
+        e = self.time_embedding(get_timestep_embedding(t.float(), self.t_dim, downscale_freq_shift=0), c) + self.c_emb(labels)
         h = self.inp(x)
         for lin1, lin2 in self.blocks:
             h = h + lin2(torch.nn.functional.silu(lin1(torch.nn.functional.silu(h)) + e))
