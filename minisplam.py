@@ -1145,13 +1145,28 @@ def train(args) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def load_run(run_dir, device="cpu") -> StableDiffusion:
-    """A training run: its teacher's parts, with sd.unet the EMA student at gamma = 1 (the gamma path dropped)."""
-    run = Path(run_dir)
+def run_checkpoint(run: Path):
+    """(config, latest checkpoint) of a training run; a UsageError for anything else."""
     ckpt = latest_checkpoint(run)
     if not (run / "config.json").is_file() or ckpt is None:
         raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
-    config = json.loads((run / "config.json").read_text())
+    return json.loads((run / "config.json").read_text()), ckpt
+
+
+def model_source(model: Path):
+    """What a `--model` folder is: ('pipeline', its folder) or ('run', its teacher); refused before any loading."""
+    if (model / "model_index.json").is_file():
+        return "pipeline", str(model)
+    try:
+        return "run", run_checkpoint(model)[0]["teacher"]
+    except UsageError:
+        raise UsageError(f"{model} is neither an exported pipeline (model_index.json) nor a training run "
+                         "with a checkpoint (config.json + latest)") from None
+
+
+def load_run(run_dir, device="cpu") -> StableDiffusion:
+    """A training run: its teacher's parts, with sd.unet the EMA student at gamma = 1 (the gamma path dropped)."""
+    config, ckpt = run_checkpoint(Path(run_dir))
     sd = load_sd(config["teacher"], device)
     student = add_gamma_path(sd.unet, config["gamma_features"])
     load_weights(student, ckpt / "target.safetensors")
@@ -1162,14 +1177,8 @@ def load_run(run_dir, device="cpu") -> StableDiffusion:
 def load_distilled(model_dir: str, device="cpu"):
     """An exported pipeline directory, or a training run (its EMA student at gamma = 1).
     Returns (StableDiffusion with the distilled UNet, eps callable)."""
-    p = Path(model_dir)
-    if (p / "model_index.json").is_file():
-        sd = load_sd(str(p), device)
-    elif (p / "config.json").is_file() and latest_checkpoint(p) is not None:
-        sd = load_run(p, device)
-    else:
-        raise UsageError(f"{p} is neither an exported pipeline (model_index.json) nor a training run "
-                         "with a checkpoint (config.json + latest)")
+    kind, src = model_source(Path(model_dir))
+    sd = load_sd(src, device) if kind == "pipeline" else load_run(model_dir, device)
     return sd, unet_eps(sd.unet, sd.sched, sd.prediction_type)
 
 
@@ -1214,8 +1223,7 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     run = Path(run_dir)
-    if not (run / "config.json").is_file() or latest_checkpoint(run) is None:
-        raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
+    run_checkpoint(run)                                                    # a run at all? before touching --out
     out = check_output(Path(out_dir), "--out", overwrite, protect=[run])
     remove_own_tmpdirs(out.parent, f".tmp-export-{out.name}-*")                  # left by a killed export
     sd = load_run(run)
@@ -1251,14 +1259,7 @@ def sample_to_folder(args):
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     model = Path(args.model).expanduser().resolve()
-    if (model / "model_index.json").is_file():
-        src = str(model)
-    elif (model / "config.json").is_file() and latest_checkpoint(model) is not None:
-        src = json.loads((model / "config.json").read_text())["teacher"]
-    else:
-        raise UsageError(f"{model} is neither an exported pipeline (model_index.json) nor a training run "
-                         "with a checkpoint (config.json + latest)")
-    check_resolution(src, args.resolution)
+    check_resolution(model_source(model)[1], args.resolution)
     out = Path(args.out).expanduser().resolve()
     settings = {"model": str(model), "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
                 "batch_size": args.batch_size}
