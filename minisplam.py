@@ -190,10 +190,10 @@ def teacher_solve(teacher, x_t, t, s, step: int, cond, uncond, w: float, sched: 
     return x
 
 
-def ode_sample(teacher, x_T, cond, uncond, w: float, sched: VPSchedule, num_steps: int):
-    """Reference PF-ODE solution: `num_steps` DDIM steps from T-1 to 0, then x0_hat at t=0."""
+def ode_sample(teacher, x_T, cond, uncond, w: float, sched: VPSchedule, num_steps: int, t_start: int = None):
+    """Reference PF-ODE solution: `num_steps` DDIM steps from t_start (default T-1) to 0, then x0_hat at t=0."""
     B, T = x_T.shape[0], sched.T
-    grid = torch.linspace(T - 1, 0, num_steps + 1).round().long()
+    grid = torch.linspace(T - 1 if t_start is None else t_start, 0, num_steps + 1).round().long()
     x = x_T
     for t_i, t_next in zip(grid[:-1], grid[1:]):
         t_b, s_b = t_i.repeat(B).to(x.device), t_next.repeat(B).to(x.device)
@@ -429,12 +429,13 @@ def lcm_timesteps(num_steps: int, T: int = 1000, original_steps: int = 50) -> li
 
 
 @torch.no_grad()
-def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None):
+def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None, return_last_input=False):
     """Multistep consistency sampling at gamma = 1.
 
     model(x, t, cond) -> eps is the student at gamma = 1 (the teacher architecture).
     x0_hat = F(x_t, t) (Eq. 19); between steps re-noise to the next timestep with fresh
     noise drawn from `generator`. One step = one network evaluation.
+    With return_last_input: (x0_hat, the x_t its last step saw).
     """
     x = x_T
     B = x.shape[0]
@@ -443,11 +444,43 @@ def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None):
         alpha_t, sigma_t = alpha_sigma(sched, t_b, x)
         x0_hat = consistency_fn(x, model(x, t_b, cond), t_b, alpha_t, sigma_t)   # Eq. 19
         if i == len(timesteps) - 1:
-            return x0_hat
+            return (x0_hat, x) if return_last_input else x0_hat
         t_n = torch.full((B,), int(timesteps[i + 1]), dtype=torch.long, device=x.device)
         alpha_n, sigma_n = alpha_sigma(sched, t_n, x)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = alpha_n * x0_hat + sigma_n * noise
+
+
+@torch.no_grad()
+def few_step_errors(model, x_T, cond, sched: VPSchedule, ode, steps=(1, 2, 4), seed: int = 0):
+    """The coupled error of the n-step sampler to the teacher, for each n: mean ||F(x, t) - ode(x, t)|| per sample,
+    at the state (x, t) of the sampler's last step; ode(x, t) is the teacher's many-step guided ODE output from there.
+    For n = 1 that state is x_T: the error to the teacher's output from the same noise, with no sampling floor.
+    For n > 1 the sampler has re-noised (Eq. 19, multistep), so the sample is measured against the teacher's answer
+    from where the sampler stood, not from x_T (which fresh noise has decoupled). Returns ({n: error}, {n: samples})."""
+    errors, samples = {}, {}
+    for n in steps:
+        ts = lcm_timesteps(n, sched.T)
+        samples[n], x_last = sample(model, x_T, cond, sched, ts, torch.Generator(x_T.device).manual_seed(seed), True)
+        errors[n] = (samples[n] - ode(x_last, ts[-1])).flatten(1).norm(dim=1).mean().item()
+    return errors, samples
+
+
+@torch.no_grad()
+def consistency_delta(model, teacher, x0, noise, cond, uncond, w: float, sched: VPSchedule, t: int, k: int,
+                      step: int = 1):
+    """delta(t) of Fig. 2c: mean ||F(x_t, t) - F(x_{t-k}, t-k)|| with x_t = alpha_t x0 + sigma_t noise and x_{t-k}
+    either the guided teacher ODE solved from x_t in DDIM steps of `step` ('ode') or the paper's simulation, the
+    same x0 and noise ('same_noise')."""
+    t_b = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+    s_b = t_b - k
+    (a_t, s_t), (a_s, s_s) = alpha_sigma(sched, t_b, x0), alpha_sigma(sched, s_b, x0)
+    f = lambda x, tt, a, sg: consistency_fn(x, model(x, tt, cond), tt, a, sg)
+    x_t = a_t * x0 + s_t * noise
+    f_t = f(x_t, t_b, a_t, s_t)
+    x_ode = teacher_solve(teacher, x_t, t_b, s_b, step, cond, uncond, w, sched)
+    gap = lambda x_s: (f_t - f(x_s, s_b, a_s, s_s)).flatten(1).norm(dim=1).mean().item()
+    return {"ode": gap(x_ode), "same_noise": gap(a_s * x0 + s_s * noise)}
 
 
 @torch.no_grad()
@@ -997,14 +1030,19 @@ def make_student(sd_path: str, device, gamma_kind: str, gradient_checkpointing: 
     return student, _copy.deepcopy(student).requires_grad_(False).eval()
 
 
+def splad_config(a: dict) -> SPLADConfig:
+    """The SPLADConfig of `train`'s settings (its parsed arguments, or a run's config.json)."""
+    return SPLADConfig(objective=a["objective"], k=a["k"], k_phi=a["k_phi"],
+                       multiple_estimation=not a["no_multiple_estimation"], w=a["w"], loss=a["loss"],
+                       huber_c=a["huber_c"], ema_mu=a["ema_mu"], gamma_one_share=a["gamma_one_share"],
+                       gamma_features=a["gamma_features"])
+
+
 def train(args) -> dict:
     """SPLAD (Alg. 1) on a Stable Diffusion teacher. Returns {'step': ..., 'losses': [...]}."""
     from tqdm.auto import tqdm
 
-    cfg = SPLADConfig(objective=args.objective, k=args.k, k_phi=args.k_phi,
-                      multiple_estimation=not args.no_multiple_estimation, w=args.w, loss=args.loss,
-                      huber_c=args.huber_c, ema_mu=args.ema_mu, gamma_one_share=args.gamma_one_share,
-                      gamma_features=args.gamma_features)
+    cfg = splad_config(vars(args))
     args.teacher = resolve_teacher(args.teacher)               # fail early on a bad path; absolute if local
     check_resolution(args.teacher, args.resolution)
     if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):

@@ -289,6 +289,57 @@ def test_splad_loss_is_zero_for_an_exactly_consistent_student(sched, objective, 
         assert loss_bad > 1e3 * max(loss.item(), 1e-12)
 
 
+def _gaussian_oracle(sched, s=0.7):
+    """Data N(0, s^2) in 2D: the exact teacher eps, its exact PF-ODE output from (x, t), and a perfect consistency
+    model (eps whose Eq. 16 output is that ODE output). Along the ODE x_t / r_t is constant, r_t^2 = a_t^2 s^2 + s_t^2."""
+    r = lambda a, sg: (a**2 * s**2 + sg**2).sqrt()
+
+    def teacher(x, t, c):
+        a, sg = ms.alpha_sigma(sched, t, x)
+        return sg * x / r(a, sg) ** 2
+
+    def ode_exact(x, t):                          # x_0 = x r_0 / r_t, then x0_hat = (x_0 - s_0 eps(x_0)) / a_0
+        a, sg = ms.alpha_sigma(sched, t, x)
+        a0, s0 = sched.alpha[0], sched.sigma[0]
+        return x * a0 * s**2 / (r(a, sg) * r(a0, s0))
+
+    def model(x, t, c):
+        a, sg = ms.alpha_sigma(sched, t, x)
+        c_skip, c_out = (ms._bc(v, x) for v in ms.boundary_scalings(t))
+        return (x - a * (ode_exact(x, t) - c_skip * x) / c_out) / sg
+
+    return teacher, ode_exact, model
+
+
+def test_few_step_errors_vanish_for_a_perfect_consistency_model(sched):
+    """Closed form (Gaussian data): the perfect consistency model has zero coupled error at every step count when
+    each n-step sample is compared with the teacher ODE from the sampler's last state; compared with the ODE from
+    x_T instead, the re-noised 4-step sample is far off: fresh noise decouples it from x_T."""
+    teacher, ode_exact, model = _gaussian_oracle(sched)
+    x_T = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    c = torch.zeros(512)
+    ode = lambda x, t: ode_exact(x, torch.full((x.shape[0],), t))
+    ddim = ms.ode_sample(teacher, x_T, c, c, 1.0, sched, 200)                        # the toys' reference
+    assert torch.allclose(ddim, ode(x_T, 999), rtol=0.02, atol=1e-3)
+    err, x = ms.few_step_errors(model, x_T, c, sched, ode, (1, 2, 4))
+    assert max(err.values()) < 5e-3, err
+    assert (x[4] - ode(x_T, 999)).norm(dim=1).mean() > 0.3
+    broken = lambda x, t, c: model(x, t, c) + 0.1                                      # and it is not blind
+    assert min(ms.few_step_errors(broken, x_T, c, sched, ode, (1, 2, 4))[0].values()) > 0.01
+
+
+def test_consistency_delta_is_zero_on_the_ode_not_on_same_noise_pairs(sched):
+    """Fig. 2c: the perfect consistency model has delta(t) = 0 between ODE-adjacent points, but not between the
+    paper's same-noise pairs (alpha_s x0 + sigma_s eps), which lie on different trajectories."""
+    teacher, _, model = _gaussian_oracle(sched)
+    g = torch.Generator().manual_seed(1)
+    x0, noise = 0.7 * torch.randn(256, 2, generator=g), torch.randn(256, 2, generator=g)
+    c = torch.zeros(256)
+    for t in (199, 599, 899):
+        d = ms.consistency_delta(model, teacher, x0, noise, c, c, 1.0, sched, t, 20)
+        assert d["ode"] < 2e-3 and d["same_noise"] > 10 * d["ode"], (t, d)
+
+
 def test_sample_timesteps_on_the_k_phi_grid():
     cfg = ms.SPLADConfig(k=100)
     t = ms.sample_timesteps(10_000, cfg, torch.Generator().manual_seed(0))

@@ -41,6 +41,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 import minisplam as ms
 
 OUT = Path(__file__).resolve().parent / "out"
+FULL_OUT, FULL_ITERS = Path(__file__).resolve().parent / "results" / "image_toy_full", 1500
 NFES = (2, 3, 4, 5, 8)
 
 # ----------------------------------------------------------------------------------------
@@ -371,9 +372,10 @@ def frechet(f1, f2):
 
 
 def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, batch, lr, seed, k, device="cpu",
-            gamma_features="authors", gamma_one_share=0.5):
+            gamma_features="authors", gamma_one_share=0.5, curve_every=0, curve_fn=None):
     """LCM or SPLAM with minisplam.splad_loss; the gamma path attached as in the SD student. Returns the EMA
-    target with the gamma path dropped (the model sampling uses) and the training seconds."""
+    target with the gamma path dropped (the model sampling uses), the training seconds and the learning curve:
+    curve_fn(eps of the EMA target at gamma = 1) -> dict, every `curve_every` iterations (0: none)."""
     cfg = ms.SPLADConfig(objective=objective, k=k, k_phi=20, w=w, loss="l2", gamma_features=gamma_features,
                          gamma_one_share=gamma_one_share)
     torch.manual_seed(seed)
@@ -386,8 +388,16 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
     conditional = teacher_unet.config.num_class_embeds is not None          # else: no labels at all, w = 1
     null = torch.full((batch,), n_classes, device=device) if conditional else None
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    t0 = time.perf_counter()
-    for _ in range(iters):
+    t0, curve, train_s = time.perf_counter(), [], 0.0
+    for it in range(iters + 1):
+        if curve_every and (it % curve_every == 0 or it == iters):
+            train_s += time.perf_counter() - t0
+            curve.append({"iter": it, "train_s": train_s, **curve_fn(target_eps)})
+            print(f"{objective} iter {it}: " + " ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if k != "iter"),
+                  flush=True)
+            t0 = time.perf_counter()
+        if it == iters:
+            break
         i = torch.randint(0, len(x), (batch,), generator=g, device=device).cpu()
         loss = ms.splad_loss(student_eps, target_eps, teacher, x[i].to(device),
                              y[i].to(device) if conditional else None, null, sched, cfg, g)
@@ -396,7 +406,7 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
         opt.step()
         ms.ema_update(target, student, cfg.ema_mu)
-    return ms.drop_gamma_path(target), time.perf_counter() - t0
+    return ms.drop_gamma_path(target), train_s + time.perf_counter() - t0, curve
 
 
 def save_class_grid(x, labels, n_classes, path, per_class=8, zoom=4):
@@ -408,6 +418,27 @@ def save_class_grid(x, labels, n_classes, path, per_class=8, zoom=4):
     img = ((torch.cat(rows, dim=-2)[None] + 1) / 2).clamp(0, 1)
     img = F.interpolate(img, scale_factor=zoom, mode="nearest").expand(1, 3, -1, -1)
     ms.save_grid(img, 1, path)
+
+
+def plot_curves(curves, n, path):
+    """Error to the teacher ODE vs distillation iteration (the image toy's Fig. 2b)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, steps in zip(axes, (1, 4)):
+        for name, c in curves.items():
+            ax.plot([r["iter"] for r in c], [r[f"err_{steps}"] for r in c], label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("distillation iteration", fontsize=11)
+        ax.set_ylabel(f"{steps}-step RMS error to teacher ODE", fontsize=11)
+        ax.set_title(f"{steps} step{'s' * (steps > 1)}, EMA student, {n} fixed noises", fontsize=11)
+        ax.legend(fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -438,8 +469,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve-every", type=int, default=50, help="evaluate the EMA student every N iterations")
+    p.add_argument("--curve-n", type=int, default=100, help="noises of the learning curve (the first of --n-eval)")
+    p.add_argument("--full", action="store_true",
+                   help=f"the committed long run: --distill-iters {FULL_ITERS}, --curve-every 100, --out {FULL_OUT}")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
+    if a.full:
+        a.distill_iters, a.curve_every = max(a.distill_iters, FULL_ITERS), 100
+        a.out = FULL_OUT if a.out == OUT else a.out
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     nfes = [int(n) for n in a.nfes.split(",")]
@@ -528,9 +566,20 @@ def main(argv=None):
                 grids[f"AMED-Solver NFE={n}"] = amed_sample(edm, *amed_models[n][:1], x_T, *amed_models[n][1:])
 
     # --- distillation: LCM and SPLAM, same budget and seed ------------------------------------------
+    n_c = min(a.curve_n, a.n_eval)
+
+    def curve_fn(eps):                      # error to the teacher ODE on the first n_c noises, 1 and 4 steps
+        with torch.no_grad():
+            return {f"err_{n}": (ms.sample(eps, x_T[:n_c], None if cond is None else cond[:n_c], sched,
+                                           ms.lcm_timesteps(n, sched.T), torch.Generator(dev).manual_seed(5))
+                                 - ref[:n_c]).flatten(1).norm(dim=1).div(math.sqrt(ref[0].numel())).mean().item()
+                    for n in (1, 4)}
+
+    curves = {}
     for objective, name in (("lcm", "LCM"), ("splam", "SPLAM")):
-        net, secs = distill(objective, unet, sched, pred, x, y, n_classes, w, a.distill_iters, a.batch, a.lr,
-                            a.seed, a.k, dev, a.gamma_features, a.gamma_one_share)
+        net, secs, curves[name] = distill(objective, unet, sched, pred, x, y, n_classes, w, a.distill_iters, a.batch,
+                                          a.lr, a.seed, a.k, dev, a.gamma_features, a.gamma_one_share,
+                                          a.curve_every, curve_fn)
         timing[f"{name}_s"] = secs
         model = ms.unet_eps(net, sched, pred, cond_arg="class_labels")
         out = {}
@@ -563,8 +612,10 @@ def main(argv=None):
     report = {"settings": {k: str(v) for k, v in vars(a).items()}, "classifier_accuracy": clf_acc,
               "fid_available": fid_reason is None, "fid_unavailable_reason": fid_reason,
               "teacher_fd_proxy": teacher_fd, "results": {m: {str(k): v for k, v in r.items()} for m, r in results.items()},
-              "winners_by_nfe": winners, "amed": amed_info, "timing": timing}
+              "winners_by_nfe": winners, "amed": amed_info, "timing": timing, "curves": curves}
     (a.out / "image_toy.json").write_text(json.dumps(report, indent=1))
+    if a.curve_every:
+        plot_curves(curves, n_c, a.out / "image_toy_curve.png")
     print("\n".join(lines))
     print(f"teacher's own {a.ode_steps}-step ODE samples: FD-proxy {teacher_fd:.2f}. FD-proxy = Fréchet distance in the "
           f"features of a classifier trained on the data (held-out accuracy {clf_acc:.1%}); it is NOT FID.")

@@ -35,6 +35,7 @@ from toy import toy2d as t2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = dict(objective="splam", gamma_features="authors", gamma_one_share=0.0)
+PRETRAIN_KIND = "fourier4"      # the committed pre-trained nets were initialised with this (unused) gamma path
 
 
 def screen_variants():
@@ -82,11 +83,11 @@ def pretrained(cache: Path, gmm, sched, iters, seed, width):
     """The pre-trained MLP of (seed, width), trained once and kept in `cache` (atomic write; same result if two
     workers race)."""
     f = cache / f"pretrained-w{width}-s{seed}-i{iters}.pt"
-    pre = t2.MLP(width)
+    pre = t2.MLP(width, gamma_kind=PRETRAIN_KIND)
     if f.is_file():
         pre.load_state_dict(torch.load(f, weights_only=True))
         return pre
-    pre = t2.pretrain(gmm, sched, iters, seed, hidden=width)
+    pre = t2.pretrain(gmm, sched, iters, seed, hidden=width, gamma_kind=PRETRAIN_KIND)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{f.name}.{os.getpid()}.tmp"
     torch.save(pre.state_dict(), tmp)
@@ -226,7 +227,8 @@ def plot(report, path: Path):
     import matplotlib.pyplot as plt
 
     panels = [p for p in (("exact", 128, "k=20"), ("exact", 128, "k=100 ME"), ("learned", 128, "k=20"),
-                          ("exact", 256, "k=20"))
+                          ("exact", 256, "k=20"),
+                          ("exact", 128, "long"))
               if any((r["teacher"], r["width"]) == p[:2] and r["method"].endswith(p[2]) for r in report["runs"])]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8), squeeze=False)
     for j, (teacher, width, k) in enumerate(panels):
@@ -242,7 +244,7 @@ def plot(report, path: Path):
             ax.set_xlabel("iteration", fontsize=11)
             ax.set_ylabel("1-step error |F(x_T) - ODE(x_T)|" if metric == "err_1" else
                           "4-step SW2, 1000 points (floor 0.14±0.03)", fontsize=11)
-            ax.set_title(f"{teacher} teacher, width {width}, {k}", fontsize=11)
+            ax.set_title(f"{teacher} teacher, width {width}, " + ("k=20, 3x budget" if k == "long" else k), fontsize=11)
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -261,7 +263,7 @@ def main(argv=None):
     q = a.quick
     settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
                 "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
-                "pretrain_iters": 50 if q else 4000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
+                "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / ("study2d_quick.json" if q else "study2d.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
@@ -295,11 +297,14 @@ def main(argv=None):
     u_abl = {f"u-ablation {kn}": {"objective": "splam", "gamma_one_share": 0.0, "u_ablation": True, **kv}
              for kn, kv in ks.items()}
     seeds = range(settings["seeds"])
-    tasks = ([{"args": settings, "teacher": "exact", "width": 128, "seed": s,             # u-ablation k=100: seed 0
-               "methods": {**main_set, **{n: v for n, v in u_abl.items() if s == 0 or n.endswith("k=20")}}}
+    wide = {n: v for n, v in k20.items() if not n.startswith("DL")}       # capacity: LCM vs the two SPLAMs
+    long = {f"{n} long": main_set[n] for n in ("LCM k=20", "SPLAM best k=20")}   # 3x budget: has it plateaued?
+    tasks = ([{"args": settings, "teacher": "exact", "width": 128, "seed": s, "methods": {**main_set, **u_abl}}
               for s in seeds]
              + [{"args": settings, "teacher": "learned", "width": 128, "seed": s, "methods": k20} for s in seeds]
-             + [{"args": settings, "teacher": "exact", "width": w, "seed": s, "methods": k20}
+             + [{"args": {**settings, "iters": settings["long_iters"]}, "teacher": "exact", "width": 128, "seed": s,
+                 "methods": long} for s in seeds]
+             + [{"args": settings, "teacher": "exact", "width": w, "seed": s, "methods": wide}
                 for w in settings["widths"][1:] for s in seeds])
     if not a.report:
         run_tasks(tasks, report, path, a.workers, cache)

@@ -108,11 +108,12 @@ class MLP(nn.Module):
 
 
 def pretrain(gmm: GMM, sched: ms.VPSchedule, iters: int, seed: int, batch: int = 512, lr: float = 2e-3,
-             hidden: int = 128):
-    """Ordinary eps-prediction diffusion training with 10% label dropout (the 'checkpoint')."""
+             hidden: int = 128, gamma_kind: str = "authors"):
+    """Ordinary eps-prediction diffusion training with 10% label dropout (the 'checkpoint'). It never sees gamma:
+    its cond_proj stays zero and `student_from` replaces it; `gamma_kind` only fixes the initialisation's RNG stream."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = MLP(hidden)
+    net = MLP(hidden, gamma_kind=gamma_kind)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     for _ in range(iters):
@@ -154,40 +155,20 @@ def student_eps(net):
     return lambda x, t, c: net(x, t, c, torch.ones(x.shape[0]))
 
 
-def few_step(net, x_T, labels, sched, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return ms.sample(student_eps(net), x_T, labels, sched, ms.lcm_timesteps(steps, sched.T), g)
-
-
 def consistency_error(net, gmm, teacher, sched, w, n: int = 1000, seed: int = 0, k: int = 20):
-    """delta(t) of Fig. 2c: E|F(x_t, t) - F(x_{t-k}, t-k)| for t on the grid, t >= 100.
-
-    Two ways to form the adjacent point: 'ode' solves the exact guided teacher ODE from
-    x_t to t-k (k steps of size 1); 'same_noise' is the paper's simulation (same x0 and eps
-    noised to both timesteps).
-    """
+    """delta(t) of Fig. 2c (minisplam.consistency_delta) for t on the grid, t >= 100: 'ode' solves the exact guided
+    teacher ODE from x_t to t-k (k steps of size 1); 'same_noise' is the paper's simulation."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)
     x0 = gmm.sample(labels, g)
     noise = torch.randn(x0.shape, generator=g)
     uncond = torch.full_like(labels, NULL)
-    model = student_eps(net)
     out = {"t": [], "ode": [], "same_noise": []}
-    with torch.no_grad():
-        for t_int in range(119, sched.T, 20):
-            t = torch.full((n,), t_int)
-            s = t - k
-            a_t, s_t = ms.alpha_sigma(sched, t, x0)
-            a_s, s_s = ms.alpha_sigma(sched, s, x0)
-            x_t = a_t * x0 + s_t * noise
-            f_t = ms.consistency_fn(x_t, model(x_t, t, labels), t, a_t, s_t)
-            x_ode = ms.teacher_solve(teacher, x_t, t, s, 1, labels, uncond, w, sched)
-            x_sim = a_s * x0 + s_s * noise
-            f_ode = ms.consistency_fn(x_ode, model(x_ode, s, labels), s, a_s, s_s)
-            f_sim = ms.consistency_fn(x_sim, model(x_sim, s, labels), s, a_s, s_s)
-            out["t"].append(t_int)
-            out["ode"].append((f_t - f_ode).norm(dim=1).mean().item())
-            out["same_noise"].append((f_t - f_sim).norm(dim=1).mean().item())
+    for t in range(119, sched.T, 20):
+        d = ms.consistency_delta(student_eps(net), teacher, x0, noise, labels, uncond, w, sched, t, k)
+        out["t"].append(t)
+        out["ode"].append(d["ode"])
+        out["same_noise"].append(d["same_noise"])
     return out
 
 
@@ -219,11 +200,17 @@ class EvalSet:
             self.ref_a = ms.ode_sample(teacher, self.x_T, self.labels, uncond, w, sched, ode_steps)
             self.ref_b = ms.ode_sample(teacher, x_T_b, self.labels, uncond, w, sched, ode_steps)
         self.noise_floor = class_sw2(self.ref_a, self.ref_b, self.labels)
-        self.teacher, self.sched, self.w, self.uncond = teacher, sched, w, uncond
+        self.teacher, self.sched, self.w, self.uncond, self.ode_steps = teacher, sched, w, uncond, ode_steps
 
     def sw2(self, x):
         """Against the *independent* reference set, so the floor is comparable."""
         return class_sw2(x, self.ref_b, self.labels)
+
+    def ode(self, sub=slice(None)):
+        """ode(x, t) for minisplam.few_step_errors: the teacher's ODE output from x at t, on the grid of ref_a."""
+        T, n = self.sched.T, self.ode_steps
+        return lambda x, t: ms.ode_sample(self.teacher, x, self.labels[sub], self.uncond[sub], self.w, self.sched,
+                                          max(1, round(n * (t + 1) / T)), t_start=t)
 
     def one_step_error(self, x1):
         """||F(x_T) - ODE(x_T)|| from the same noise."""
@@ -257,11 +244,10 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
     def log(it):
         sub = slice(0, n_curve)
         lab = ev.labels[sub]
+        err, x = ms.few_step_errors(student_eps(target), ev.x_T[sub], lab, sched, ev.ode(sub), (1, 4), seed)
         for steps in (1, 4):
-            x = few_step(target, ev.x_T[sub], lab, sched, steps, seed)
-            curve[f"sw2_{steps}"].append(class_sw2(x, ev.ref_b[sub], lab))
-            if steps == 1:
-                curve["err_1"].append((x - ev.ref_a[sub]).norm(dim=1).mean().item())
+            curve[f"sw2_{steps}"].append(class_sw2(x[steps], ev.ref_b[sub], lab))
+        curve["err_1"].append(err[1])
         curve["iter"].append(it)
         curve["train_s"].append(train_s)
 
@@ -283,13 +269,8 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
 
 
 def evaluate(net, ev: EvalSet, sched, seed):
-    res = {}
-    for steps in (1, 2, 4):
-        x = few_step(net, ev.x_T, ev.labels, sched, steps, seed)
-        res[f"sw2_{steps}"] = ev.sw2(x)
-        if steps == 1:
-            res["err_1step"] = ev.one_step_error(x)
-    return res
+    err, x = ms.few_step_errors(student_eps(net), ev.x_T, ev.labels, sched, ev.ode(), (1, 2, 4), seed)
+    return {"err_1step": err[1], **{f"sw2_{n}": ev.sw2(x[n]) for n in (1, 2, 4)}}
 
 
 def baselines(ev: EvalSet, sched):
@@ -371,8 +352,8 @@ def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 90):
     panels = [(0, 0, "teacher ODE (200 steps)", ev.ref_a)]
     for j, name in enumerate(names, 1):
         for i, steps in enumerate((1, 4)):
-            panels.append((i, j, f"{name}\n{steps} step", few_step(finals[name], ev.x_T, ev.labels, sched,
-                                                                    steps, seed)))
+            x = ms.few_step_errors(student_eps(finals[name]), ev.x_T, ev.labels, sched, ev.ode(), (steps,), seed)[1]
+            panels.append((i, j, f"{name}\n{steps} step", x[steps]))
     for i, j, title, x in panels:
         a = fig.add_subplot(top[i, j])
         a.scatter(*x.T, s=0.5, c=cols)
