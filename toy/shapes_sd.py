@@ -12,6 +12,7 @@ and prompts: the SD path (VAE latents, CLIP conditioning, sd_step, mixed precisi
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,15 +58,21 @@ def write_imagefolder(folder: Path, n: int, resolution: int = 16, seed: int = 0)
 def make_teacher(out: Path, steps: int = 400, n: int = 1024, resolution: int = 16, batch: int = 64,
                  lr: float = 2e-3, seed: int = 0) -> Path:
     """make-tiny-sd, then its UNet trained as an eps-prediction DDPM on the shapes, 10% empty captions (for
-    guidance). The VAE's scaling_factor is set to 1 / std of the latents, as SD's was, so latents have unit scale."""
+    guidance). As in SD, the VAE's raw latents have std 1 / scaling_factor (0.18215): its encoder output is scaled
+    by c and its decoder input by 1 / c (the same autoencoder), so the scaled latents the UNet sees have unit std."""
     ms.make_tiny_sd(str(out), seed=seed)
     sd = ms.load_sd(str(out))
     x, caps = shapes(n, resolution, seed)
     g = torch.Generator().manual_seed(seed)
+    vae, f = sd.vae, sd.vae.config.scaling_factor
     with torch.no_grad():
-        z = sd.vae.encode(x).latent_dist.sample(g)
-        sd.vae.register_to_config(scaling_factor=1.0 / z.std().item())
-        z = z * sd.vae.config.scaling_factor
+        z = vae.encode(x).latent_dist.sample(g)
+        z, c = z / z.std(), 1 / (f * z.std().item())                          # unit-std latents; raw std 1 / f
+        ch = vae.config.latent_channels
+        vae.quant_conv.weight[:ch] *= c                                         # posterior mean x c
+        vae.quant_conv.bias[:ch] *= c
+        vae.quant_conv.bias[ch:] += 2 * math.log(c)                             # posterior std x c
+        vae.post_quant_conv.weight /= c                                         # decode(c z) = old decode(z)
         cond = ms.encode_prompts(sd, caps, "cpu")
         null = ms.encode_prompts(sd, [""], "cpu")
     unet = sd.unet.train().requires_grad_(True)
