@@ -163,8 +163,13 @@ def guided_eps(teacher, x, t, cond, uncond, w: float):
     """
     if w == 1.0:
         return teacher(x, t, cond)
-    eps_c, eps_u = teacher(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+    eps_c, eps_u = teacher(torch.cat([x, x]), torch.cat([t, t]), cat_conditions(cond, uncond)).chunk(2)
     return eps_u + w * (eps_c - eps_u)
+
+
+def cat_conditions(a, b):
+    """Two conditions as one batch: tensors, or dicts of tensors (SDXL's embeddings, pooled embeddings, time ids)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
 
 
 def ddim_step(x, eps, alpha_t, sigma_t, alpha_s, sigma_s):
@@ -503,21 +508,24 @@ def scheduler_sample(scheduler, eps_fn, x_T, num_steps: int):
 # functions, so `import minisplam` needs no Stable Diffusion stack.
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# LoRA layers of diffusers' LCM-LoRA scripts: attention, feed-forward, resnet convs, resamplers, time projections
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Teacher and student models
+# 8. Teacher and student models (SD 1.x/2.x and SDXL, full or LoRA)
 # ----------------------------------------------------------------------------------------
 
 
 def resolve_teacher(path_or_id: str) -> str:
-    """A local diffusers SD directory, or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."""
+    """A local diffusers pipeline directory (SD or SDXL), or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."""
     p = Path(path_or_id).expanduser()
     if p.exists():
-        missing = [s for s in SD_PARTS if not (p / s).is_dir()]
+        missing = [s for s in ("model_index.json",) + SD_PARTS if not (p / s).exists()]
         if missing:
             raise UsageError(f"{p} is not a diffusers Stable Diffusion directory: it lacks {missing}. "
-                             "Save one with StableDiffusionPipeline.save_pretrained(dir) or give a hub id.")
+                             "Save one with StableDiffusion(XL)Pipeline.save_pretrained(dir) or give a hub id.")
         return str(p.resolve())
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         raise UsageError(f"teacher {path_or_id!r} not found: give a local diffusers directory (with "
@@ -527,37 +535,44 @@ def resolve_teacher(path_or_id: str) -> str:
 
 @dataclass
 class StableDiffusion:
-    """The frozen parts of a teacher, and its noise schedule."""
+    """A teacher: its diffusers pipeline (text encoders, tokenizers, VAE, scheduler), the UNet, its noise schedule."""
 
+    pipe: object
     unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    scheduler_config: dict
     sched: VPSchedule
     prediction_type: str
 
+    @property
+    def vae(self):
+        return self.pipe.vae
 
-def load_sd(path_or_id: str, device="cpu", dtype=torch.float32) -> StableDiffusion:
-    """Load UNet, VAE, CLIP text encoder, tokenizer and scheduler config; refuse unsupported teachers."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    @property
+    def xl(self) -> bool:        # SDXL: two text encoders, pooled embeddings and size/crop micro-conditioning
+        return hasattr(self.pipe, "text_encoder_2")
+
+
+def load_sd(path_or_id: str, device="cpu", dtype=torch.float32, vae: str = None) -> StableDiffusion:
+    """The teacher's pipeline, StableDiffusionPipeline or StableDiffusionXLPipeline as its model_index.json says;
+    `vae`: another AutoencoderKL (e.g. an fp16-safe SDXL VAE). Unsupported teachers are refused."""
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     src = resolve_teacher(path_or_id)
     try:
+        xl = "text_encoder_2" in DiffusionPipeline.load_config(src)
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
         pred = check_prediction_type(scheduler.config.prediction_type)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        extra = {"vae": AutoencoderKL.from_pretrained(vae, dtype=dtype)} if vae else {}
+        if not xl:
+            extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_pretrained(src, dtype=dtype, **extra)
     except OSError as e:
         raise UsageError(f"could not load the teacher {src!r} ({e}). Without internet access, download it "
                          "elsewhere and pass the local directory.") from e
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False).eval().to(device)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, dict(scheduler.config),
-                           vp_schedule(scheduler.alphas_cumprod).to(device), pred)
+    pipe.set_progress_bar_config(disable=True)
+    for m in pipe.components.values():
+        if isinstance(m, nn.Module):
+            m.requires_grad_(False).eval().to(device)
+    return StableDiffusion(pipe, pipe.unet, vp_schedule(scheduler.alphas_cumprod).to(device), pred)
 
 
 def add_gamma_path(unet: nn.Module, kind: str = "authors") -> nn.Module:
@@ -580,19 +595,47 @@ def drop_gamma_path(student: nn.Module) -> nn.Module:
     return unet.to(student.device) if student.dtype == torch.float32 else unet.to(student.device, student.dtype)
 
 
+def add_lora(student: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+    """A LoRA student (peft, LCM-LoRA's layers, Gaussian init so it starts as the teacher): only the adapters and
+    the gamma path train, in fp32; the frozen base weights may stay in low precision. With the adapters disabled
+    and no timestep_cond the same module IS the teacher, so a LoRA run holds one copy of the UNet. The adapters'
+    init is drawn from `seed`, not the global generator, so a run is reproducible."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    student.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+    student.time_embedding.cond_proj.requires_grad_(True)
+    cast_training_params(student, torch.float32)
+    return student
+
+
 def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states",
-             gamma_kind: str = None):
+             gamma_kind: str = None, adapters: bool = True):
     """Wrap a diffusers UNet as minisplam's eps callable eps(x, t, cond, gamma=None); v-prediction is converted
-    (Eq. 14 form). With gamma_kind, gamma enters as `timestep_cond` (the student, see add_gamma_path)."""
+    (Eq. 14 form). With gamma_kind, gamma enters as `timestep_cond` (the student, see add_gamma_path). A dict cond
+    is SDXL's (embeddings, pooled text_embeds, time_ids). adapters=False: a LoRA student's teacher (LoRA off)."""
+    cast = (lambda v: v) if dtype is None else (lambda v: v.to(dtype) if torch.is_floating_point(v) else v)
 
     def eps(x, t, cond, gamma=None):
-        xi = x if dtype is None else x.to(dtype)
-        kw = {cond_arg: cond if dtype is None or not torch.is_floating_point(cond) else cond.to(dtype)}
-        if cond_arg != "encoder_hidden_states":
-            kw["encoder_hidden_states"] = None
+        if isinstance(cond, dict):
+            kw = {"encoder_hidden_states": cast(cond["encoder_hidden_states"]),
+                  "added_cond_kwargs": {k: cast(cond[k]) for k in ("text_embeds", "time_ids")}}
+        else:
+            kw = {cond_arg: cast(cond)} if cond_arg == "encoder_hidden_states" else {cond_arg: cond,
+                                                                                   "encoder_hidden_states": None}
         if gamma_kind is not None and gamma is not None:
-            kw["timestep_cond"] = gamma_features(gamma, gamma_kind).to(x.device, xi.dtype)
-        out = net(xi, t, **kw).sample
+            kw["timestep_cond"] = gamma_features(gamma, gamma_kind).to(x.device, x.dtype if dtype is None else dtype)
+        if not adapters:
+            net.disable_adapters()
+        try:
+            out = net(cast(x), t, **kw).sample
+        finally:
+            if not adapters:
+                net.enable_adapters()
         alpha, sigma = alpha_sigma(sched, t, x)
         return eps_from_output(out.float(), x, alpha, sigma, prediction_type)
 
@@ -600,12 +643,20 @@ def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg:
 
 
 @torch.no_grad()
-def encode_prompts(sd: StableDiffusion, prompts, device):
-    """CLIP embeddings exactly as StableDiffusionPipeline.encode_prompt computes them, in fp32 whatever the text
-    encoder's precision (the student is fp32; a low-precision teacher casts its own inputs)."""
-    ids = sd.tokenizer(list(prompts), padding="max_length", max_length=sd.tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt").input_ids
-    return sd.text_encoder(ids.to(device))[0].float()
+def encode_prompts(sd: StableDiffusion, prompts, device, time_ids=None, null: bool = False, resolution=None):
+    """Text conditions as the teacher's own pipeline computes them (`encode_prompt`), in fp32. SD: the CLIP
+    embeddings. SDXL: a dict of both encoders' embeddings, the pooled `text_embeds` and the `time_ids`
+    (original size, crop top-left, target size: rows of 6; default no crop at `resolution`). null: the
+    unconditional input, "" or zeros as the model's `force_zeros_for_empty_prompt` says."""
+    out = sd.pipe.encode_prompt([""] * len(prompts) if null else list(prompts), device=device,
+                                num_images_per_prompt=1, do_classifier_free_guidance=null)
+    if not sd.xl:
+        return out[int(null)].float()
+    if time_ids is None:
+        r = resolution or sd.unet.config.sample_size * sd.pipe.vae_scale_factor
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]] * len(prompts))
+    return {"encoder_hidden_states": out[int(null)].float(), "text_embeds": out[2 + int(null)].float(),
+            "time_ids": time_ids.float().to(device)}
 
 
 @torch.no_grad()
@@ -637,18 +688,18 @@ def latent_shape(sd: StableDiffusion, batch: int, resolution: int):
 
 
 def load_image(path_or_file, resolution: int, crop_seed=None):
-    """PIL image -> (3, R, R) tensor in [-1, 1]: resize the short side, centre (or seeded random) crop.
-    Returns None for a corrupt or unreadable image."""
+    """PIL image -> ((3, R, R) tensor in [-1, 1], SDXL's time_ids [orig h, orig w, crop top, crop left, R, R]):
+    resize the short side, centre (or seeded random) crop. Returns (None, None) for a corrupt or unreadable image."""
     from PIL import Image
 
     try:
         with Image.open(path_or_file) as im:
             im = im.convert("RGB")
-            w, h = im.size
+            w, h = size = im.size
             s = resolution / min(w, h)
             im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
     except (OSError, ValueError, SyntaxError):
-        return None
+        return None, None
     w, h = im.size
     if crop_seed is None:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -659,7 +710,7 @@ def load_image(path_or_file, resolution: int, crop_seed=None):
     import numpy as np
 
     arr = np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor([size[1], size[0], top, left, resolution, resolution])
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
@@ -693,8 +744,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, crop_seed = key
         name, text = self.items[i]
-        px = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
-        return {"pixels": px, "text": text, "name": str(self.root / name)}   # pixels None: corrupt, skipped
+        px, ids = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
+        return {"pixels": px, "time_ids": ids, "text": text, "name": str(self.root / name)}   # None: corrupt, skipped
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -727,9 +778,9 @@ def collate_skip_corrupt(items):
     """Drop corrupt images (pixels None) and report which were skipped."""
     good = [it for it in items if it["pixels"] is not None]
     out = {"skipped": len(items) - len(good), "skipped_files": [it["name"] for it in items if it["pixels"] is None],
-           "pixels": None, "text": [it["text"] for it in good]}
+           "pixels": None, "time_ids": None, "text": [it["text"] for it in good]}
     if good:
-        out["pixels"] = torch.stack([it["pixels"] for it in good])
+        out["pixels"], out["time_ids"] = (torch.stack([it[k] for it in good]) for k in ("pixels", "time_ids"))
     return out
 
 
@@ -757,8 +808,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _decode(self, sample, crop_seed):
         key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
         text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
-        px = load_image(io.BytesIO(sample[key]), self.resolution, crop_seed) if key and text else None
-        return {"pixels": px, "text": text, "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"}
+        px, ids = load_image(io.BytesIO(sample[key]), self.resolution, crop_seed) if key and text else (None, None)
+        return {"pixels": px, "time_ids": ids, "text": text, "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"}
 
     def __iter__(self):
         wds = _webdataset()
@@ -840,12 +891,17 @@ def remove_own_tmpdirs(parent: Path, pattern: str):
 
 def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, keep: int = 2) -> Path:
     """Write run/checkpoint-<step> via a temporary folder + rename, then point `latest` at it.
-    A kill at any moment leaves the previous checkpoint and `latest` intact."""
-    from safetensors.torch import save_model
+    A kill at any moment leaves the previous checkpoint and `latest` intact. A LoRA run (target is student)
+    saves only what trains: the adapters and the gamma path."""
+    from safetensors.torch import save_file, save_model
 
     tmp = own_tmpdir(".tmp-checkpoint-", run)
-    save_model(student, str(tmp / "student.safetensors"))
-    save_model(target, str(tmp / "target.safetensors"))
+    if target is student:
+        save_file({n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad},
+                  str(tmp / "student.safetensors"))
+    else:
+        save_model(student, str(tmp / "student.safetensors"))
+        save_model(target, str(tmp / "target.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
     final = run / f"checkpoint-{step:07d}"
@@ -865,10 +921,16 @@ def latest_checkpoint(run: Path):
     return run / p.read_text().strip() if p.is_file() else None
 
 
-def load_weights(module: nn.Module, path: Path):
-    from safetensors.torch import load_model
+def load_weights(module: nn.Module, path: Path, trainable_only: bool = False):
+    """All weights (strict), or exactly the trainable ones (a LoRA checkpoint)."""
+    from safetensors.torch import load_file, load_model
 
-    load_model(module, str(path), strict=True)
+    if not trainable_only:
+        return load_model(module, str(path), strict=True)
+    saved, want = load_file(str(path)), {n for n, p in module.named_parameters() if p.requires_grad}
+    if set(saved) != want:
+        raise ValueError(f"{path} does not hold this LoRA student's trainable weights")
+    module.load_state_dict(saved, strict=False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -907,7 +969,7 @@ def save_validation_grid(sd, model_eps, prompts, resolution, device, path: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cond = encode_prompts(sd, prompts, device)
+    cond = encode_prompts(sd, prompts, device, resolution=resolution)
     cols = []
     for steps in (1, 2, 4):
         g = torch.Generator(device).manual_seed(seed)
@@ -988,46 +1050,57 @@ def save_grid(images, ncol: int, path: Path):
     Image.fromarray(arr).save(path)
 
 
-def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, pixels, prompts, uncond1,
-            generator, low_dtype=torch.float32, max_grad_norm: float = 10.0) -> torch.Tensor:
-    """One iteration of Alg. 1 on Stable Diffusion. `online` is the student, or its DDP wrapper.
-    Returns the loss (detached, averaged over DDP ranks); a non-finite loss raises FloatingPointError before
-    any update."""
-    dev = uncond1.device
+def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, batch: dict, uncond1, generator,
+            low_dtype=torch.float32, max_grad_norm: float = 10.0) -> torch.Tensor:
+    """One iteration of Alg. 1 on SD or SDXL. `online` is the student, or its DDP wrapper; batch has "pixels",
+    "text" (and SDXL's "time_ids"); uncond1 is the null condition of one sample. A LoRA run passes target=student:
+    the target is then the online student under stop-gradient (no EMA) and the teacher is the same module with its
+    adapters off. Returns the loss (detached, averaged over DDP ranks); a non-finite loss raises
+    FloatingPointError before any update."""
+    dev, lora = generator.device, target is student
     with torch.no_grad():
-        px = pixels.to(dev, low_dtype)
+        px = batch["pixels"].to(dev, low_dtype)
         z0 = sd.vae.encode(px).latent_dist.sample(generator).float() * sd.vae.config.scaling_factor  # z = E(x)
-        cond = encode_prompts(sd, prompts, dev).float()
-    uncond = uncond1.float().expand_as(cond)
+        cond = encode_prompts(sd, batch["text"], dev, batch.get("time_ids"))
+    uncond = ({**{k: uncond1[k].expand_as(cond[k]) for k in ("encoder_hidden_states", "text_embeds")},
+               "time_ids": cond["time_ids"]} if sd.xl else uncond1.expand_as(cond))
     amp = torch.autocast(dev.type, dtype=low_dtype, enabled=low_dtype != torch.float32)
     with amp:
         kind = cfg.gamma_features
         loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind),
                           unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind),
-                          unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype),
+                          unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype, adapters=not lora),
                           z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
     loss_mean = _mean_over_ranks(loss.detach())             # the logged loss; a NaN on any rank stops every rank
     if not torch.isfinite(loss_mean):
         raise FloatingPointError(f"loss became {loss_mean.item()}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)              # Appendix A: 10
+    torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], max_grad_norm)  # App. A
     opt.step()
-    ema_update(target, student, cfg.ema_mu)                                           # Alg. 1, last line
+    if not lora:
+        ema_update(target, student, cfg.ema_mu)                                       # Alg. 1, last line
     return loss_mean
 
 
-def make_student(sd_path: str, device, gamma_kind: str, gradient_checkpointing: bool = False):
-    """Student = teacher weights + the gamma path (fp32); target = its EMA copy (theta^- <- theta)."""
+def make_student(sd: StableDiffusion, src: str, device, gamma_kind: str, gradient_checkpointing: bool = False,
+                 lora_rank: int = 0, lora_alpha: float = None, seed: int = 0):
+    """Full: student = the teacher's fp32 weights + the gamma path; target = its EMA copy (theta^- <- theta).
+    LoRA: the teacher's own UNet + the gamma path + adapters, and target = student (see sd_step); sd.unet becomes
+    that one module, so the teacher is not held twice."""
     import copy as _copy
 
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(resolve_teacher(sd_path), subfolder="unet")
-    student = add_gamma_path(unet, gamma_kind).to(device).train()
+    if lora_rank:
+        student = add_lora(add_gamma_path(sd.unet, gamma_kind), lora_rank, lora_alpha or lora_rank, seed).to(device)
+        sd.unet = sd.pipe.unet = student
+    else:
+        student = add_gamma_path(UNet2DConditionModel.from_pretrained(src, subfolder="unet"), gamma_kind).to(device)
     if gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    return student, _copy.deepcopy(student).requires_grad_(False).eval()
+    student.train()
+    return student, student if lora_rank else _copy.deepcopy(student).requires_grad_(False).eval()
 
 
 def splad_config(a: dict) -> SPLADConfig:
@@ -1045,6 +1118,11 @@ def train(args) -> dict:
     cfg = splad_config(vars(args))
     args.teacher = resolve_teacher(args.teacher)               # fail early on a bad path; absolute if local
     check_resolution(args.teacher, args.resolution)
+    vae = Path(args.pretrained_vae or "").expanduser()
+    if args.pretrained_vae and (vae.exists() or args.pretrained_vae.startswith((".", "/", "~"))):
+        if not (vae / "config.json").is_file():
+            raise UsageError(f"--pretrained-vae {vae} is not a diffusers AutoencoderKL folder (no config.json)")
+        args.pretrained_vae = str(vae.resolve())
     if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):
         args.data = str(Path(args.data).expanduser().resolve())             # a run does not depend on the cwd
     rank, world, device = _dist_setup()
@@ -1095,8 +1173,9 @@ def train(args) -> dict:
 
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
     low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    sd = load_sd(args.teacher, device, low)
-    student, target = make_student(args.teacher, device, cfg.gamma_features, args.gradient_checkpointing)
+    sd = load_sd(args.teacher, device, low, args.pretrained_vae)
+    student, target = make_student(sd, args.teacher, device, cfg.gamma_features, args.gradient_checkpointing,
+                                   args.lora_rank, args.lora_alpha, args.seed)
     if args.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -1105,11 +1184,12 @@ def train(args) -> dict:
         opt_cls = bnb.optim.AdamW8bit
     else:
         opt_cls = torch.optim.AdamW
-    opt = opt_cls(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = opt_cls([p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     step, losses, data_pos, skipped = 0, [], 0, 0
     if ckpt is not None:
-        load_weights(student, ckpt / "student.safetensors")
-        load_weights(target, ckpt / "target.safetensors")
+        load_weights(student, ckpt / "student.safetensors", trainable_only=bool(args.lora_rank))
+        if target is not student:
+            load_weights(target, ckpt / "target.safetensors")
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         for group in opt.param_groups:                                       # --lr may change on resume
             group["lr"] = args.lr
@@ -1127,7 +1207,7 @@ def train(args) -> dict:
     if world > 1:
         online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
 
-    uncond1 = encode_prompts(sd, [""], device)                                 # the null prompt, once
+    uncond1 = encode_prompts(sd, [""], device, null=True)                      # the null condition, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
     last, empty_streak, t_start = None, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
@@ -1148,8 +1228,7 @@ def train(args) -> dict:
         empty_streak = 0
         g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
         try:
-            loss = sd_step(sd, online, student, target, opt, cfg, batch["pixels"], batch["text"], uncond1, g,
-                           low, args.max_grad_norm)
+            loss = sd_step(sd, online, student, target, opt, cfg, batch, uncond1, g, low, args.max_grad_norm)
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"{e} at step {step}; stopping. The last good checkpoint is "
@@ -1191,48 +1270,64 @@ def run_checkpoint(run: Path):
     return json.loads((run / "config.json").read_text()), ckpt
 
 
-def model_source(model: Path):
-    """What a `--model` folder is: ('pipeline', its folder) or ('run', its teacher); refused before any loading."""
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def model_source(model: Path, base: str = None):
+    """What a `--model` folder is: ('pipeline', its folder), ('run', its teacher) or ('lora', the base model);
+    refused before any loading."""
     if (model / "model_index.json").is_file():
         return "pipeline", str(model)
+    if (model / LORA_FILE).is_file():
+        if not base:
+            raise UsageError(f"{model} holds a LoRA: pass --base-model, the teacher it was distilled from")
+        return "lora", resolve_teacher(base)
     try:
         return "run", run_checkpoint(model)[0]["teacher"]
     except UsageError:
-        raise UsageError(f"{model} is neither an exported pipeline (model_index.json) nor a training run "
-                         "with a checkpoint (config.json + latest)") from None
+        raise UsageError(f"{model} is neither an exported pipeline (model_index.json), a LoRA ({LORA_FILE}) nor a "
+                         "training run with a checkpoint (config.json + latest)") from None
 
 
 def load_run(run_dir, device="cpu") -> StableDiffusion:
-    """A training run: its teacher's parts, with sd.unet the EMA student at gamma = 1 (the gamma path dropped)."""
+    """A training run: its teacher, with sd.unet the student at gamma = 1: the EMA target with the gamma path
+    dropped, or for a LoRA run the teacher + the trained adapters (called without timestep_cond, i.e. gamma = 1)."""
     config, ckpt = run_checkpoint(Path(run_dir))
-    sd = load_sd(config["teacher"], device)
+    sd = load_sd(config["teacher"], device, vae=config.get("pretrained_vae"))
     student = add_gamma_path(sd.unet, config["gamma_features"])
-    load_weights(student, ckpt / "target.safetensors")
-    sd.unet = drop_gamma_path(student).requires_grad_(False).eval()
+    if config.get("lora_rank"):
+        sd.unet = add_lora(student, config["lora_rank"], config["lora_alpha"] or config["lora_rank"])
+        load_weights(sd.unet, ckpt / "student.safetensors", trainable_only=True)
+    else:
+        load_weights(student, ckpt / "target.safetensors")
+        sd.unet = drop_gamma_path(student)
+    sd.unet.requires_grad_(False).eval()
     return sd
 
 
-def load_distilled(model_dir: str, device="cpu"):
-    """An exported pipeline directory, or a training run (its EMA student at gamma = 1).
+def load_distilled(model_dir: str, device="cpu", base: str = None):
+    """An exported pipeline, an exported LoRA on its base model (diffusers' load_lora_weights), or a training run.
     Returns (StableDiffusion with the distilled UNet, eps callable)."""
-    kind, src = model_source(Path(model_dir))
-    sd = load_sd(src, device) if kind == "pipeline" else load_run(model_dir, device)
+    kind, src = model_source(Path(model_dir), base)
+    sd = load_run(model_dir, device) if kind == "run" else load_sd(src, device)
+    if kind == "lora":
+        sd.pipe.load_lora_weights(model_dir)
     return sd, unet_eps(sd.unet, sd.sched, sd.prediction_type)
 
 
 def generate_images(sd: StableDiffusion, eps, prompts, steps: int, seed: int, resolution=None):
     """Few-step images (N, 3, R, R) in [0, 1] from our sampler (Eq. 19 + multistep), one batch."""
     device = sd.sched.alpha.device
-    res = resolution or sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    res = resolution or sd.unet.config.sample_size * sd.pipe.vae_scale_factor
     g = torch.Generator(device).manual_seed(seed)
     x_T = torch.randn(latent_shape(sd, len(prompts), res), generator=g, device=device)   # as the pipeline
-    z = sample(eps, x_T, encode_prompts(sd, prompts, device), sd.sched, lcm_timesteps(steps, sd.sched.T), g)
-    return decode_latents(sd, z)
+    cond = encode_prompts(sd, prompts, device, resolution=res)
+    return decode_latents(sd, sample(eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g))
 
 
-def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu"):
-    """Load a run or an exported pipeline and sample one batch of prompts."""
-    sd, eps = load_distilled(model_dir, device)
+def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu", base: str = None):
+    """Load a run, an exported pipeline or a LoRA (+ its base model) and sample one batch of prompts."""
+    sd, eps = load_distilled(model_dir, device, base)
     return generate_images(sd, eps, prompts, steps, seed, resolution)
 
 
@@ -1255,24 +1350,30 @@ def check_output(out: Path, flag: str, overwrite=False, protect=()) -> Path:
 
 
 def export(run_dir: str, out_dir: str, overwrite: bool = False):
-    """A plain diffusers StableDiffusionPipeline: teacher architecture with the EMA student's
-    weights, LCMScheduler; sample it at guidance_scale=1 (the distilled w is baked in).
+    """A full run: the teacher's diffusers pipeline (SD or SDXL) with the EMA student's weights in the teacher's
+    architecture and LCMScheduler. A LoRA run: pytorch_lora_weights.safetensors for the teacher's pipeline
+    (`pipe.load_lora_weights(dir)`). Either is sampled with LCMScheduler at guidance_scale=1 (w is baked in).
     Written next to `out_dir` and renamed into place, so a kill leaves `out_dir` as it was."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler
 
     run = Path(run_dir)
-    run_checkpoint(run)                                                    # a run at all? before touching --out
+    config = run_checkpoint(run)[0]                                        # a run at all? before touching --out
     out = check_output(Path(out_dir), "--out", overwrite, protect=[run])
     remove_own_tmpdirs(out.parent, f".tmp-export-{out.name}-*")                  # left by a killed export
     sd = load_run(run)
-    scheduler = LCMScheduler.from_config(sd.scheduler_config, timestep_scaling=10.0, original_inference_steps=50,
-                                         clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
-                                   unet=sd.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = own_tmpdir(f".tmp-export-{out.name}-", out.parent)                        # build, then rename
-    pipe.save_pretrained(tmp)
+    if config.get("lora_rank"):
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(sd.unet)       # peft keys, as load_lora_weights reads them; gamma path: 0
+        type(sd.pipe).save_lora_weights(tmp, unet_lora_layers=layers,
+                                        unet_lora_adapter_metadata=sd.unet.peft_config["default"].to_dict())
+    else:
+        sd.pipe.unet = sd.unet
+        sd.pipe.scheduler = LCMScheduler.from_config(sd.pipe.scheduler.config, timestep_scaling=10.0,
+                                                     original_inference_steps=50, clip_sample=False)
+        sd.pipe.save_pretrained(tmp)
     if out.exists():           # empty, or the user's --overwrite: swap, then remove the old copy (check_output vetted it)
         old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)
         os.replace(out, old / "x")
@@ -1297,9 +1398,9 @@ def sample_to_folder(args):
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     model = Path(args.model).expanduser().resolve()
-    check_resolution(model_source(model)[1], args.resolution)
+    check_resolution(model_source(model, args.base_model)[1], args.resolution)
     out = Path(args.out).expanduser().resolve()
-    settings = {"model": str(model), "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
+    settings = {"model": str(model), "base_model": args.base_model, "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
                 "batch_size": args.batch_size}
     done = {}
     if out.exists() and not out.is_dir():
@@ -1317,7 +1418,7 @@ def sample_to_folder(args):
         if clash:
             raise UsageError(f"--out {out} holds images of other prompts (index {clash[0]}): choose a new folder")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    sd, eps = load_distilled(str(model), dev)
+    sd, eps = load_distilled(str(model), dev, args.base_model)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "sample.json", json.dumps(settings))
     starts = range(0, len(prompts), args.batch_size)
@@ -1429,37 +1530,47 @@ def evaluate(args) -> dict:
     return result
 
 
-def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
-    """A tiny, randomly initialised SD teacher (UNet, VAE, CLIP, tokenizer from a local vocab)
-    for tests and CPU smoke runs of the CLI. Its images are noise; its code paths are SD's."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0, arch: str = "sd") -> str:
+    """A tiny, randomly initialised SD (or SDXL: two text encoders, pooled embeddings, size/crop time ids) teacher
+    pipeline for tests and CPU smoke runs of the CLI. Its images are noise; its code paths are SD's / SDXL's."""
+    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     check_prediction_type(prediction_type)
     out = check_output(Path(out_dir), "make-tiny-sd OUT", overwrite=None)
     torch.manual_seed(seed)
-    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in list(letters) + [c + "</w>" for c in letters]:
-        vocab[c] = len(vocab)
-    (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
-                        model_max_length=16)
-    tok.save_pretrained(out / "tokenizer")
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
-                                 eos_token_id=1, pad_token_id=1)).save_pretrained(out / "text_encoder")
-    UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
-                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                         attention_head_dim=8, norm_num_groups=8).save_pretrained(out / "unet")
-    AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                  sample_size=16).save_pretrained(out / "vae")
-    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  prediction_type=prediction_type, clip_sample=False).save_pretrained(out / "scheduler")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(
+        list(letters) + [c + "</w>" for c in letters])}}
+    tmp = Path(tempfile.mkdtemp(dir=out))                     # a local vocabulary: no download
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
+    shutil.rmtree(tmp)
+    te = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                        pad_token_id=1, projection_dim=32)
+    xl = arch == "sdxl"
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64 if xl else 32,
+                                attention_head_dim=8, norm_num_groups=8,
+                                **(dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                                        projection_class_embeddings_input_dim=32 + 6 * 8) if xl else {}))
+    parts = dict(unet=unet, text_encoder=CLIPTextModel(te), tokenizer=tok,
+                 vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                                   sample_size=16),
+                 scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         prediction_type=prediction_type, clip_sample=False, steps_offset=1))
+    if xl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=CLIPTextModelWithProjection(te), tokenizer_2=tok)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(out)
     return str(out)
 
 
@@ -1506,6 +1617,9 @@ def build_parser():
     g.add_argument("--num-workers", type=nonneg_int, default=4, help="data loader processes")
     g = t.add_argument_group("model")
     g.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
+    g.add_argument("--pretrained-vae", default=None, help="another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)")
+    g.add_argument("--lora-rank", type=nonneg_int, default=0, help="train a LoRA of this rank (LCM-LoRA: 64); 0: the full UNet")
+    g.add_argument("--lora-alpha", type=pos_float, default=None, help="LoRA alpha; default: the rank (scale 1)")
     g.add_argument("--gamma-features", default="authors", choices=sorted(GAMMA_FEATURES),
                    help="Fourier features of gamma fed as the UNet's timestep_cond (toy/study.py compares them)")
     g = t.add_argument_group("SPLAD (Alg. 1)")
@@ -1540,6 +1654,7 @@ def build_parser():
 
     s = sub.add_parser("sample", help="few-step images from a run or an exported pipeline", **fmt)
     s.add_argument("--model", required=True, help="a training run or an exported pipeline folder")
+    s.add_argument("--base-model", default=None, help="with a LoRA folder: its teacher (hub id or folder)")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument("--prompts-file", help="one prompt per line (e.g. 30k COCO captions)")
     s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8], help="sampling steps (Eq. 19 + multistep)")
@@ -1569,6 +1684,7 @@ def build_parser():
     m.add_argument("out", help="a new or empty folder")
     m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts")
+    m.add_argument("--arch", default="sd", choices=["sd", "sdxl"], help="SD 1.x layout, or SDXL's two text encoders")
     return p
 
 
@@ -1592,7 +1708,7 @@ def main(argv=None):
             print(json.dumps(res, indent=1))
             return res
         if args.cmd == "make-tiny-sd":
-            print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type)}")
+            print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type, arch=args.arch)}")
             return args.out
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
