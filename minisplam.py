@@ -1618,7 +1618,8 @@ def build_parser():
     g = t.add_argument_group("model")
     g.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
     g.add_argument("--pretrained-vae", default=None, help="another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)")
-    g.add_argument("--lora-rank", type=nonneg_int, default=0, help="train a LoRA of this rank (LCM-LoRA: 64); 0: the full UNet")
+    g.add_argument("--lora-rank", type=nonneg_int, default=0, help="train a LoRA of this rank (LCM-LoRA: 64; its target is the online student, no EMA); "
+                                                       "0: the full UNet")
     g.add_argument("--lora-alpha", type=pos_float, default=None, help="LoRA alpha; default: the rank (scale 1)")
     g.add_argument("--gamma-features", default="authors", choices=sorted(GAMMA_FEATURES),
                    help="Fourier features of gamma fed as the UNet's timestep_cond (toy/study.py compares them)")

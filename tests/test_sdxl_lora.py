@@ -14,7 +14,9 @@ from test_sd import FAST, _error, data, _png  # noqa: F401  (the shared data fix
 
 @pytest.fixture(scope="session")
 def xl(tmp_path_factory):
-    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny_xl") / "teacher"), arch="sdxl")
+    out = tmp_path_factory.mktemp("tiny_xl") / "teacher"
+    ms.main(["make-tiny-sd", str(out), "--arch", "sdxl"])
+    return str(out)
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +160,17 @@ def test_pretrained_vae_replaces_the_teachers(sd15, data, tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["pretrained_vae"] == str(tmp_path / "vae")
     sd = ms.load_run(tmp_path / "r")
     assert sd.vae.decoder.conv_out.weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("argv", [["--model", "tiny-sdxl", "--lora", "4"], ["--model", "tiny", "--gradient-checkpointing"]])
+def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
+    """The benchmark's plumbing (its figures are not asserted): every objective, the JSON, the sampling latency."""
+    import sys
+    sys.path.insert(0, str(Path(ms.__file__).parent / "benchmarks"))
+    import bench_sd
+
+    bench_sd.main([*argv, "--reps", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert [r["config"] for r in res["train"]] == ["LCM k=20", "SPLAD k=20", "SPLAD k=100 ME"]
+    assert all(r["s_per_step"] > 0 for r in res["train"]) and sorted(res["latency_s"]) == ["1", "2", "4"]
+    assert res["lora_rank"] == (4 if "--lora" in argv else 0)
