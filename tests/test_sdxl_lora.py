@@ -162,7 +162,8 @@ def test_pretrained_vae_replaces_the_teachers(sd15, data, tmp_path):
     assert sd.vae.decoder.conv_out.weight.abs().max() == 0
 
 
-@pytest.mark.parametrize("argv", [["--model", "tiny-sdxl", "--lora", "4"], ["--model", "tiny", "--gradient-checkpointing"]])
+@pytest.mark.parametrize("argv", [["--model", "tiny-sdxl", "--lora", "4"], ["--model", "tiny", "--gradient-checkpointing"],
+                                  ["--model", "tiny", "--skip-train"]])
 def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
     """The benchmark's plumbing (its figures are not asserted): every objective, the JSON, the sampling latency."""
     import sys
@@ -171,6 +172,7 @@ def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
 
     bench_sd.main([*argv, "--reps", "1", "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "b.json")])
     res = json.loads((tmp_path / "b.json").read_text())
-    assert [r["config"] for r in res["train"]] == ["LCM k=20", "SPLAD k=20", "SPLAD k=100 ME"]
+    assert [r["config"] for r in res["train"]] == ([] if "--skip-train" in argv else
+                                                   ["LCM k=20", "SPLAD k=20", "SPLAD k=100 ME"])
     assert all(r["s_per_step"] > 0 for r in res["train"]) and sorted(res["latency_s"]) == ["1", "2", "4"]
     assert res["lora_rank"] == (4 if "--lora" in argv else 0)
