@@ -595,7 +595,7 @@ def drop_gamma_path(student: nn.Module) -> nn.Module:
     return unet.to(student.device) if student.dtype == torch.float32 else unet.to(student.device, student.dtype)
 
 
-def add_lora(student: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
+def add_lora(student: nn.Module, rank: int, alpha: float = None, seed: int = 0) -> nn.Module:
     """A LoRA student (peft, LCM-LoRA's layers, Gaussian init so it starts as the teacher): only the adapters and
     the gamma path train, in fp32; the frozen base weights may stay in low precision. With the adapters disabled
     and no timestep_cond the same module IS the teacher, so a LoRA run holds one copy of the UNet. The adapters'
@@ -606,7 +606,7 @@ def add_lora(student: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.M
     student.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+        student.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                        target_modules=LORA_TARGETS))
     student.time_embedding.cond_proj.requires_grad_(True)
     cast_training_params(student, torch.float32)
@@ -1083,20 +1083,22 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
     return loss_mean
 
 
-def make_student(sd: StableDiffusion, src: str, device, gamma_kind: str, gradient_checkpointing: bool = False,
-                 lora_rank: int = 0, lora_alpha: float = None, seed: int = 0):
-    """Full: student = the teacher's fp32 weights + the gamma path; target = its EMA copy (theta^- <- theta).
-    LoRA: the teacher's own UNet + the gamma path + adapters, and target = student (see sd_step); sd.unet becomes
-    that one module, so the teacher is not held twice."""
+def make_student(sd: StableDiffusion, device, gamma_kind: str, gradient_checkpointing: bool = False,
+                 lora_rank: int = 0, lora_alpha: float = None, seed: int = 0, fp32_unet: nn.Module = None):
+    """Full: student = the teacher's fp32 weights (`fp32_unet`, default read again from the teacher's folder) + the
+    gamma path; target = its EMA copy (theta^- <- theta). LoRA: the teacher's own UNet + the gamma path + adapters,
+    and target = student (see sd_step); sd.unet becomes that one module, so the teacher is not held twice."""
     import copy as _copy
 
     from diffusers import UNet2DConditionModel
 
     if lora_rank:
-        student = add_lora(add_gamma_path(sd.unet, gamma_kind), lora_rank, lora_alpha or lora_rank, seed).to(device)
+        student = add_lora(add_gamma_path(sd.unet, gamma_kind), lora_rank, lora_alpha, seed).to(device)
         sd.unet = sd.pipe.unet = student
     else:
-        student = add_gamma_path(UNet2DConditionModel.from_pretrained(src, subfolder="unet"), gamma_kind).to(device)
+        unet = fp32_unet if fp32_unet is not None else UNet2DConditionModel.from_pretrained(sd.pipe.config._name_or_path, subfolder="unet")
+        with torch.device(device):                          # build the copy where it will live (fast on a GPU)
+            student = add_gamma_path(unet, gamma_kind).to(device)
     if gradient_checkpointing:
         student.enable_gradient_checkpointing()
     student.train()
@@ -1174,7 +1176,7 @@ def train(args) -> dict:
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
     low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     sd = load_sd(args.teacher, device, low, args.pretrained_vae)
-    student, target = make_student(sd, args.teacher, device, cfg.gamma_features, args.gradient_checkpointing,
+    student, target = make_student(sd, device, cfg.gamma_features, args.gradient_checkpointing,
                                    args.lora_rank, args.lora_alpha, args.seed)
     if args.use_8bit_adam:
         try:
@@ -1296,7 +1298,7 @@ def load_run(run_dir, device="cpu") -> StableDiffusion:
     sd = load_sd(config["teacher"], device, vae=config.get("pretrained_vae"))
     student = add_gamma_path(sd.unet, config["gamma_features"])
     if config.get("lora_rank"):
-        sd.unet = add_lora(student, config["lora_rank"], config["lora_alpha"] or config["lora_rank"])
+        sd.unet = add_lora(student, config["lora_rank"], config["lora_alpha"])
         load_weights(sd.unet, ckpt / "student.safetensors", trainable_only=True)
     else:
         load_weights(student, ckpt / "target.safetensors")

@@ -118,20 +118,11 @@ def main(argv=None):
     else:
         path = ms.make_tiny_sd(tempfile.mkdtemp() + "/t", arch="sdxl" if a.model == "tiny-sdxl" else "sd") \
             if a.model in ("tiny", "tiny-sdxl") else ms.resolve_teacher(a.model)
-        sd = ms.load_sd(path, device, low)
-        fp32_unet = None if a.lora else type(sd.unet).from_pretrained(path, subfolder="unet")
+        sd, fp32_unet = ms.load_sd(path, device, low), None
         res = a.resolution or (16 if a.model.startswith("tiny") else 1024 if sd.xl else 512)
     batch = a.batch or (2 if device.type == "cpu" else 4 if sd.xl else 8)
-    if a.lora:                                        # as make_student: one UNet, the teacher is the adapters-off student
-        student = ms.add_lora(ms.add_gamma_path(sd.unet, a.gamma_features), a.lora, a.lora).to(device)
-        sd.unet = sd.pipe.unet = student
-    else:
-        with torch.device(device):                  # build the copy on the device: fast for SDXL's 2.6B weights
-            student = ms.add_gamma_path(fp32_unet, a.gamma_features).to(device)
-        del fp32_unet
-    if a.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    student.train()
+    student, target = ms.make_student(sd, device, a.gamma_features, a.gradient_checkpointing, a.lora, fp32_unet=fp32_unet)
+    del fp32_unet
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     head = (f"device: {dev_name}; model: {a.model}; {'LoRA rank ' + str(a.lora) if a.lora else 'full UNet'}; {res} px; "
             f"batch {batch}; precision {prec}; gradient checkpointing {a.gradient_checkpointing}")
@@ -144,14 +135,13 @@ def main(argv=None):
     rows = []
     for name, over in [] if a.skip_train else CONFIGS:
         cfg = ms.SPLADConfig(w=8.0, gamma_features=a.gamma_features, **over)
-        tgt = student if a.lora else copy.deepcopy(student).requires_grad_(False).eval()
         opt = torch.optim.AdamW([q for q in student.parameters() if q.requires_grad], lr=8e-6, weight_decay=0.0)
         step = [0]
 
         def one():
             g = torch.Generator(device).manual_seed(step[0])
             step[0] += 1
-            ms.sd_step(sd, student, student, tgt, opt, cfg, data, uncond1, g, low)
+            ms.sd_step(sd, student, student, target, opt, cfg, data, uncond1, g, low)
 
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -160,7 +150,7 @@ def main(argv=None):
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         rows.append({"config": name, "s_per_step": sec, "peak_GiB": mem})
         print(f"  {name}: {sec:.4f} s/step, peak {mem:.2f} GiB", flush=True)
-        del tgt, opt
+        del opt
     base = {r["config"]: r["s_per_step"] for r in rows}.get("SPLAD k=20", 1.0)
     print(f"\n{'training step':<18}{'s/step':>10}{'vs SPLAD k=20':>15}{'peak GiB':>10}")
     for r in rows:

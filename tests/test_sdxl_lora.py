@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import minisplam as ms
-from test_sd import FAST, _error, data, _png  # noqa: F401  (the shared data fixture)
+from test_sd import _error, _png, data  # noqa: F401  (the shared data fixture)
+from test_sd import _train as train_cli
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +26,7 @@ def sd15(tmp_path_factory):
 
 
 def _train(teacher, data, out, *extra):
-    return ms.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(out), *FAST,
-                    "--validate-every", "0", *extra])
+    return train_cli(teacher, data, out, "--validate-every", "0", *extra)
 
 
 def _pipe(teacher):
