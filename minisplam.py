@@ -29,7 +29,6 @@ Sections 8-13 wire the method to Stable Diffusion (diffusers/transformers) on a 
         --data DIR_WITH_metadata.jsonl --output-dir runs/sd15 --k 100 --w 3 --mixed-precision bf16
     python minisplam.py sample --model runs/sd15 --prompt "a photo of a cat" --steps 4
     python minisplam.py export --run runs/sd15 --out sd15-splam   # a plain diffusers pipeline
-    python minisplam.py make-tiny-sd /tmp/tiny                    # a random toy teacher, for smoke runs
 
 A "model" in this file is a callable returning the noise prediction eps:
     teacher(x, t, cond) -> eps            student(x, t, cond, gamma) -> eps
@@ -37,7 +36,9 @@ where t is a LongTensor of integer timesteps (one per sample). Wrappers for netw
 that predict v (SD 2.x-768) convert to eps before it reaches these functions.
 """
 
+import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -45,7 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -193,19 +194,6 @@ def teacher_solve(teacher, x_t, t, s, step: int, cond, uncond, w: float, sched: 
         eps = guided_eps(teacher, x, t_i, cond, uncond, w)
         x = ddim_step(x, eps, *alpha_sigma(sched, t_i, x), *alpha_sigma(sched, t_next, x))
     return x
-
-
-def ode_sample(teacher, x_T, cond, uncond, w: float, sched: VPSchedule, num_steps: int, t_start: int = None):
-    """Reference PF-ODE solution: `num_steps` DDIM steps from t_start (default T-1) to 0, then x0_hat at t=0."""
-    B, T = x_T.shape[0], sched.T
-    grid = torch.linspace(T - 1 if t_start is None else t_start, 0, num_steps + 1).round().long()
-    x = x_T
-    for t_i, t_next in zip(grid[:-1], grid[1:]):
-        t_b, s_b = t_i.repeat(B).to(x.device), t_next.repeat(B).to(x.device)
-        eps = guided_eps(teacher, x, t_b, cond, uncond, w)
-        x = ddim_step(x, eps, *alpha_sigma(sched, t_b, x), *alpha_sigma(sched, s_b, x))
-    zero = torch.zeros(B, dtype=torch.long, device=x.device)
-    return x0_from_eps(x, guided_eps(teacher, x, zero, cond, uncond, w), *alpha_sigma(sched, zero, x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -456,52 +444,8 @@ def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None, retur
         x = alpha_n * x0_hat + sigma_n * noise
 
 
-@torch.no_grad()
-def few_step_errors(model, x_T, cond, sched: VPSchedule, ode, steps=(1, 2, 4), seed: int = 0):
-    """The coupled error of the n-step sampler to the teacher, for each n: mean ||F(x, t) - ode(x, t)|| per sample,
-    at the state (x, t) of the sampler's last step; ode(x, t) is the teacher's many-step guided ODE output from there.
-    For n = 1 that state is x_T: the error to the teacher's output from the same noise, with no sampling floor.
-    For n > 1 the sampler has re-noised (Eq. 19, multistep), so the sample is measured against the teacher's answer
-    from where the sampler stood, not from x_T (which fresh noise has decoupled). Returns ({n: error}, {n: samples})."""
-    errors, samples = {}, {}
-    for n in steps:
-        ts = lcm_timesteps(n, sched.T)
-        samples[n], x_last = sample(model, x_T, cond, sched, ts, torch.Generator(x_T.device).manual_seed(seed), True)
-        errors[n] = (samples[n] - ode(x_last, ts[-1])).flatten(1).norm(dim=1).mean().item()
-    return errors, samples
-
-
-@torch.no_grad()
-def consistency_delta(model, teacher, x0, noise, cond, uncond, w: float, sched: VPSchedule, t: int, k: int,
-                      step: int = 1):
-    """delta(t) of Fig. 2c: mean ||F(x_t, t) - F(x_{t-k}, t-k)|| with x_t = alpha_t x0 + sigma_t noise and x_{t-k}
-    either the guided teacher ODE solved from x_t in DDIM steps of `step` ('ode') or the paper's simulation, the
-    same x0 and noise ('same_noise')."""
-    t_b = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-    s_b = t_b - k
-    (a_t, s_t), (a_s, s_s) = alpha_sigma(sched, t_b, x0), alpha_sigma(sched, s_b, x0)
-    f = lambda x, tt, a, sg: consistency_fn(x, model(x, tt, cond), tt, a, sg)
-    x_t = a_t * x0 + s_t * noise
-    f_t = f(x_t, t_b, a_t, s_t)
-    x_ode = teacher_solve(teacher, x_t, t_b, s_b, step, cond, uncond, w, sched)
-    gap = lambda x_s: (f_t - f(x_s, s_b, a_s, s_s)).flatten(1).norm(dim=1).mean().item()
-    return {"ode": gap(x_ode), "same_noise": gap(a_s * x0 + s_s * noise)}
-
-
-@torch.no_grad()
-def scheduler_sample(scheduler, eps_fn, x_T, num_steps: int):
-    """Training-free baseline: run any diffusers scheduler (DDIM, DPM-Solver++, UniPC...)
-    for `num_steps` steps with eps_fn(x, t) -> eps; returns its final sample."""
-    scheduler.set_timesteps(num_steps)
-    x = x_T * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        t_b = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-        x = scheduler.step(eps_fn(scheduler.scale_model_input(x, t), t_b), t, x).prev_sample
-    return x
-
-
 # ========================================================================================
-# Stable Diffusion at full scale:  python minisplam.py train | sample | export | make-tiny-sd
+# Stable Diffusion at full scale:  python minisplam.py train | sample | export
 # ========================================================================================
 # Everything below wires the functions above to diffusers/transformers models, data on
 # disk and checkpoints. Nothing here changes the method. Heavy imports stay inside the
@@ -541,10 +485,6 @@ class StableDiffusion:
     unet: nn.Module
     sched: VPSchedule
     prediction_type: str
-
-    @property
-    def vae(self):
-        return self.pipe.vae
 
     @property
     def xl(self) -> bool:        # SDXL: two text encoders, pooled embeddings and size/crop micro-conditioning
@@ -662,7 +602,7 @@ def encode_prompts(sd: StableDiffusion, prompts, device, time_ids=None, null: bo
 @torch.no_grad()
 def decode_latents(sd: StableDiffusion, z):
     """Latents -> images in [0, 1], as the pipeline's VAE decode + postprocess."""
-    img = sd.vae.decode(z.to(sd.vae.dtype) / sd.vae.config.scaling_factor).sample
+    img = sd.pipe.vae.decode(z.to(sd.pipe.vae.dtype) / sd.pipe.vae.config.scaling_factor).sample
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -676,9 +616,7 @@ def check_resolution(src: str, resolution):
 
 
 def latent_shape(sd: StableDiffusion, batch: int, resolution: int):
-    f = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-    if resolution % f:
-        raise UsageError(f"resolution {resolution} must be a multiple of the VAE factor {f}")
+    f = sd.pipe.vae_scale_factor                             # checked by check_resolution (a hub id: 8 is assumed)
     return (batch, sd.unet.config.in_channels, resolution // f, resolution // f)
 
 
@@ -707,10 +645,10 @@ def load_image(path_or_file, resolution: int, crop_seed=None):
         g = torch.Generator().manual_seed(int(crop_seed) % 2**63)
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-    import numpy as np
+    from diffusers.image_processor import VaeImageProcessor
 
-    arr = np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1, torch.tensor([size[1], size[0], top, left, resolution, resolution])
+    px = VaeImageProcessor(do_resize=False).preprocess(im.crop((left, top, left + resolution, top + resolution)))[0]
+    return px, torch.tensor([size[1], size[0], top, left, resolution, resolution])
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
@@ -748,30 +686,16 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         return {"pixels": px, "time_ids": ids, "text": text, "name": str(self.root / name)}   # None: corrupt, skipped
 
 
-class StepBatches(torch.utils.data.Sampler):
-    """Batch indices as a pure function of (seed, step): a resumed run sees the same batches.
-    Each rank takes its slice of the global batch."""
+def step_batches(n, batch, seed, start_step, rank=0, world=1):
+    """Batch indices (each with its crop seed) as a pure function of (seed, step): a resumed run sees the same
+    batches. Each rank takes its slice of the global batch."""
+    @functools.lru_cache(maxsize=2)                          # one permutation per epoch, not per sample
+    def perm(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
-    def __init__(self, n, batch, seed, start_step, rank=0, world=1):
-        self.n, self.batch, self.seed, self.start, self.rank, self.world = n, batch, seed, start_step, rank, world
-        self._epoch, self._perm = None, None
-
-    def _index(self, pos):
-        epoch, i = divmod(pos, self.n)
-        if epoch != self._epoch:                             # one permutation per epoch, not per sample
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[i]
-
-    def __iter__(self):
-        step = self.start
-        while True:
-            base = (step * self.world + self.rank) * self.batch
-            yield [(self._index(base + j), self.seed * 1_000_003 + base + j) for j in range(self.batch)]
-            step += 1
-
-    def __len__(self):
-        return sys.maxsize
+    for step in itertools.count(start_step):
+        base = (step * world + rank) * batch
+        yield [(perm((base + j) // n)[(base + j) % n], seed * 1_000_003 + base + j) for j in range(batch)]
 
 
 def collate_skip_corrupt(items):
@@ -805,12 +729,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resolution, self.batch, self.seed, self.random_crop = resolution, batch, seed, random_crop
         self.start, self.rank, self.world = start, rank, world
 
-    def _decode(self, sample, crop_seed):
-        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
-        px, ids = load_image(io.BytesIO(sample[key]), self.resolution, crop_seed) if key and text else (None, None)
-        return {"pixels": px, "time_ids": ids, "text": text, "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"}
-
     def __iter__(self):
         wds = _webdataset()
         info = torch.utils.data.get_worker_info()
@@ -831,13 +749,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                     raise UsageError(f"the shards {shards} hold no samples")
                 epoch_len = n
 
-        raw = enumerate(samples())
-        for _ in range((self.start + j) // self.W * self.batch):   # resume: skip what this stream already gave
-            next(raw)
+        skip = (self.start + j) // self.W * self.batch              # resume: what this stream already gave
+        raw = itertools.islice(enumerate(samples()), skip, None)
         since_good = 0                                              # samples in a row without a usable pair
         while True:
-            items = [self._decode(sample, (self.seed * 1_000_003 + stream) * 1_000_000_007 + k
-                                  if self.random_crop else None) for k, sample in (next(raw) for _ in range(self.batch))]
+            items = []
+            for k, sample in itertools.islice(raw, self.batch):
+                key = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+                text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
+                seed = (self.seed * 1_000_003 + stream) * 1_000_000_007 + k if self.random_crop else None
+                px, ids = load_image(io.BytesIO(sample[key]), self.resolution, seed) if key and text else (None, None)
+                items.append({"pixels": px, "time_ids": ids, "text": text,
+                              "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"})
             for item in items:
                 since_good = 0 if item["pixels"] is not None else since_good + 1
             if epoch_len and since_good > epoch_len:
@@ -938,116 +861,21 @@ def load_weights(module: nn.Module, path: Path, trainable_only: bool = False):
 # ----------------------------------------------------------------------------------------
 
 
-def _dist_setup():
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import torch.distributed as dist
+def save_validation_grid(sd, model_eps, prompts, resolution, path: Path, seed=0):
+    """A PNG grid: row i is prompt i (the run's validation_prompts), columns 1, 2, 4 steps (gamma = 1, fixed seed)."""
+    from diffusers.utils import make_image_grid, numpy_to_pil
 
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    return dist.get_rank(), world, dev
-
-
-def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over the DDP ranks (x itself in a single process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    x = x.clone()
-    torch.distributed.all_reduce(x)
-    return x / torch.distributed.get_world_size()
-
-
-def save_validation_grid(sd, model_eps, prompts, resolution, device, path: Path, seed=0):
-    """A labelled PNG: rows are the prompts, columns 1, 2, 4 steps (gamma = 1, fixed seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cond = encode_prompts(sd, prompts, device, resolution=resolution)
-    cols = []
-    for steps in (1, 2, 4):
-        g = torch.Generator(device).manual_seed(seed)
-        x_T = torch.randn(latent_shape(sd, len(prompts), resolution), generator=g, device=device)
-        cols.append(decode_latents(sd, sample(model_eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g)))
-    fig, axes = plt.subplots(len(prompts), 3, figsize=(9, 3 * len(prompts) + 0.4), squeeze=False)
-    for i, prompt in enumerate(prompts):
-        for j, steps in enumerate((1, 2, 4)):
-            ax = axes[i, j]
-            ax.imshow(cols[j][i].permute(1, 2, 0).cpu().numpy())
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{steps} step{'s' * (steps > 1)}" if i == 0 else "", fontsize=12)
-        axes[i, 0].set_ylabel(prompt[:40], fontsize=10)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def plot_losses(metrics: Path, path: Path):
-    """The loss curve of a run, from its metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set(xlabel="step", ylabel="SPLAD loss (Eq. 17)", yscale="log", title=metrics.parent.name)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _save_figure(fig, path: Path):
-    import matplotlib.pyplot as plt
-
+    x = torch.stack([generate_images(sd, model_eps, prompts, n, seed, resolution) for n in (1, 2, 4)], 1)
+    grid = make_image_grid(numpy_to_pil(x.flatten(0, 1).permute(0, 2, 3, 1).cpu().numpy()), len(prompts), 3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    grid.save(path.with_name(f".{path.name}.tmp.png"))
+    os.replace(path.with_name(f".{path.name}.tmp.png"), path)
 
 
 def _write_atomic(path: Path, text: str):
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-class MetricsLog:
-    """run/metrics.jsonl: one JSON object per step (step, loss, lr, skipped, time) or event (resume)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, row: dict):
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def truncate(self, step: int):
-        """Keep what a resumed run at `step` has done: rows of later steps were lost with the kill."""
-        if self.path.is_file():
-            rows = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-            _write_atomic(self.path, "".join(l + "\n" for l in rows))
-
-
-def save_grid(images, ncol: int, path: Path):
-    """(N, 3, H, W) in [0, 1] -> one PNG grid, row-major."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    nrow = (n + ncol - 1) // ncol
-    canvas = torch.ones(3, nrow * h, ncol * w)
-    for i, im in enumerate(images):
-        r, c = divmod(i, ncol)
-        canvas[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = im
-    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
 
 
 def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, batch: dict, uncond1, generator,
@@ -1057,10 +885,12 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
     the target is then the online student under stop-gradient (no EMA) and the teacher is the same module with its
     adapters off. Returns the loss (detached, averaged over DDP ranks); a non-finite loss raises
     FloatingPointError before any update."""
+    from accelerate.utils import reduce
+
     dev, lora = generator.device, target is student
     with torch.no_grad():
         px = batch["pixels"].to(dev, low_dtype)
-        z0 = sd.vae.encode(px).latent_dist.sample(generator).float() * sd.vae.config.scaling_factor  # z = E(x)
+        z0 = sd.pipe.vae.encode(px).latent_dist.sample(generator).float() * sd.pipe.vae.config.scaling_factor  # z = E(x)
         cond = encode_prompts(sd, batch["text"], dev, batch.get("time_ids"))
     uncond = ({**{k: uncond1[k].expand_as(cond[k]) for k in ("encoder_hidden_states", "text_embeds")},
                "time_ids": cond["time_ids"]} if sd.xl else uncond1.expand_as(cond))
@@ -1071,7 +901,7 @@ def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig,
                           unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind),
                           unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype, adapters=not lora),
                           z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
-    loss_mean = _mean_over_ranks(loss.detach())             # the logged loss; a NaN on any rank stops every rank
+    loss_mean = reduce(loss.detach(), "mean")               # the logged loss; a NaN on any rank stops every rank
     if not torch.isfinite(loss_mean):
         raise FloatingPointError(f"loss became {loss_mean.item()}")
     opt.zero_grad(set_to_none=True)
@@ -1107,14 +937,14 @@ def make_student(sd: StableDiffusion, device, gamma_kind: str, gradient_checkpoi
 
 def splad_config(a: dict) -> SPLADConfig:
     """The SPLADConfig of `train`'s settings (its parsed arguments, or a run's config.json)."""
-    return SPLADConfig(objective=a["objective"], k=a["k"], k_phi=a["k_phi"],
-                       multiple_estimation=not a["no_multiple_estimation"], w=a["w"], loss=a["loss"],
-                       huber_c=a["huber_c"], ema_mu=a["ema_mu"], gamma_one_share=a["gamma_one_share"],
-                       gamma_features=a["gamma_features"])
+    names = {f.name for f in fields(SPLADConfig)} - {"multiple_estimation", "T"}
+    return SPLADConfig(multiple_estimation=not a["no_multiple_estimation"], **{k: a[k] for k in names})
 
 
 def train(args) -> dict:
     """SPLAD (Alg. 1) on a Stable Diffusion teacher. Returns {'step': ..., 'losses': [...]}."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
     from tqdm.auto import tqdm
 
     cfg = splad_config(vars(args))
@@ -1127,7 +957,15 @@ def train(args) -> dict:
         args.pretrained_vae = str(vae.resolve())
     if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):
         args.data = str(Path(args.data).expanduser().resolve())             # a run does not depend on the cwd
-    rank, world, device = _dist_setup()
+    opt_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from e
+        opt_cls = bnb.optim.AdamW8bit
+    state = PartialState(cpu=not torch.cuda.is_available())    # torchrun: a process group (NCCL, or gloo on CPUs)
+    rank, world, device = state.process_index, state.num_processes, state.device
     run = Path(args.output_dir).expanduser().resolve()
     settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "output_dir": str(run), "world_size": world}
     shards = is_webdataset(args.data)
@@ -1170,7 +1008,7 @@ def train(args) -> dict:
         ds = ImageCaptionFolder(args.data, args.resolution, args.random_crop)
         n_images = len(ds)
         loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=StepBatches(len(ds), args.batch_size, args.seed, start, rank, world),
+            ds, batch_sampler=step_batches(len(ds), args.batch_size, args.seed, start, rank, world),
             collate_fn=collate_skip_corrupt, num_workers=args.num_workers)
 
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
@@ -1178,14 +1016,6 @@ def train(args) -> dict:
     sd = load_sd(args.teacher, device, low, args.pretrained_vae)
     student, target = make_student(sd, device, cfg.gamma_features, args.gradient_checkpointing,
                                    args.lora_rank, args.lora_alpha, args.seed)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from e
-        opt_cls = bnb.optim.AdamW8bit
-    else:
-        opt_cls = torch.optim.AdamW
     opt = opt_cls([p for p in student.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     step, losses, data_pos, skipped = 0, [], 0, 0
     if ckpt is not None:
@@ -1197,14 +1027,16 @@ def train(args) -> dict:
             group["lr"] = args.lr
         state = json.loads((ckpt / "state.json").read_text())
         step, losses, data_pos, skipped = state["step"], state["losses"], state["data_pos"], state["skipped"]
-    log = MetricsLog(run / "metrics.jsonl")
+    log = run / "metrics.jsonl"
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         remove_own_tmpdirs(run, ".tmp-checkpoint-*")                        # left by a kill mid-checkpoint
         _write_atomic(run / "config.json", json.dumps(settings, indent=1))
-        log.truncate(step)                                  # steps after the checkpoint will be run again
+        if log.is_file():                                   # steps after the checkpoint will be run again
+            _write_atomic(log, "".join(l + "\n" for l in log.read_text().splitlines() if json.loads(l).get("step", 0) <= step))
         if args.resume:
-            log.write({"event": "resume", "step": step, "changed": changed})
+            with log.open("a") as f:                        # metrics.jsonl: one JSON object per step or event
+                f.write(json.dumps({"event": "resume", "step": step, "changed": changed}) + "\n")
     online = student
     if world > 1:
         online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
@@ -1218,7 +1050,7 @@ def train(args) -> dict:
         batch = next(it)
         data_pos += 1
         counts = torch.tensor([batch["skipped"], batch["pixels"] is None], dtype=torch.float32, device=device)
-        n_skipped, n_empty = (_mean_over_ranks(counts) * world).round().long().tolist()   # summed over ranks
+        n_skipped, n_empty = reduce(counts, "sum").round().long().tolist()               # summed over ranks
         skipped += n_skipped
         for name in batch["skipped_files"]:
             print(f"skipped an unreadable image: {name}", file=sys.stderr)
@@ -1240,22 +1072,20 @@ def train(args) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=skipped)
         if rank == 0:
-            log.write({"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "skipped": skipped,
-                       "time": round(time.time() - t_start, 3), **({"skipped_files": batch["skipped_files"]}
-                                                                   if batch["skipped_files"] else {})})
+            row = {"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "skipped": skipped,
+                   "time": round(time.time() - t_start, 3), "skipped_files": batch["skipped_files"] or None}
+            with log.open("a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
             last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
-            plot_losses(log.path, run / "validation" / "loss.png")
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
             save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts, args.resolution,
-                                 device, run / "validation" / f"step-{step:07d}.png")
-        if world > 1:
-            torch.distributed.barrier()
+                                 run / "validation" / f"step-{step:07d}.png")
+        state.wait_for_everyone()
     bar.close()
     if skipped and rank == 0:
-        print(f"skipped {skipped} corrupt or unreadable images (named in {log.path})", file=sys.stderr)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+        print(f"skipped {skipped} corrupt or unreadable images (named in {log})", file=sys.stderr)
+    state.destroy_process_group()
     return {"rank": rank, "step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
 
 
@@ -1327,12 +1157,6 @@ def generate_images(sd: StableDiffusion, eps, prompts, steps: int, seed: int, re
     return decode_latents(sd, sample(eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g))
 
 
-def generate(model_dir, prompts, steps: int, seed: int, resolution=None, device="cpu", base: str = None):
-    """Load a run, an exported pipeline or a LoRA (+ its base model) and sample one batch of prompts."""
-    sd, eps = load_distilled(model_dir, device, base)
-    return generate_images(sd, eps, prompts, steps, seed, resolution)
-
-
 def check_output(out: Path, flag: str, overwrite=False, protect=()) -> Path:
     """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite`; even
     then never a folder in `protect` (the current folder, the run being read) or one that contains them."""
@@ -1376,19 +1200,19 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
         sd.pipe.scheduler = LCMScheduler.from_config(sd.pipe.scheduler.config, timestep_scaling=10.0,
                                                      original_inference_steps=50, clip_sample=False)
         sd.pipe.save_pretrained(tmp)
-    if out.exists():           # empty, or the user's --overwrite: swap, then remove the old copy (check_output vetted it)
-        old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)
-        os.replace(out, old / "x")
-        finish_tmpdir(tmp, out)
-        shutil.rmtree(old)
-    else:
-        finish_tmpdir(tmp, out)
+    old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)     # swap in; an existing --out (empty, or the
+    if out.exists():                                                 # user's --overwrite, vetted by check_output)
+        os.replace(out, old / "x")                                  # goes only after the new one is in place
+    finish_tmpdir(tmp, out)
+    shutil.rmtree(old)
     return str(out)
 
 
 def sample_to_folder(args):
     """`sample`: images, a manifest.jsonl (index, prompt, seed, steps, file) and sample.json (the settings) in --out.
     Resumable: a rerun with the same settings skips the batches already written; other settings are refused."""
+    from diffusers.utils import make_image_grid, numpy_to_pil
+    from PIL import Image
     from tqdm.auto import tqdm
 
     prompts = list(args.prompt)
@@ -1431,149 +1255,19 @@ def sample_to_folder(args):
         batch = generate_images(sd, eps, prompts[i:i + args.batch_size], args.steps, args.seed + b,
                                 args.resolution).cpu()
         rows = []
-        for j, im in zip(idx, batch):
-            save_grid(im[None], 1, out / f".{j:05d}.tmp.png")
+        for j, im in zip(idx, numpy_to_pil(batch.permute(0, 2, 3, 1).numpy())):
+            im.save(out / f".{j:05d}.tmp.png")
             os.replace(out / f".{j:05d}.tmp.png", out / f"{j:05d}.png")
             rows.append({"index": j, "prompt": prompts[j], "seed": args.seed + b, "steps": args.steps,
                          "file": f"{j:05d}.png"})
         with (out / "manifest.jsonl").open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r["index"] not in done)
-    if len(prompts) <= 64:
-        from PIL import Image
-        import numpy as np
-
-        imgs = [torch.from_numpy(np.array(Image.open(out / f"{j:05d}.png"))).permute(2, 0, 1) / 255
-                for j in range(len(prompts))]
-        save_grid(torch.stack(imgs), min(len(prompts), 8), out / "grid.png")
+    if len(prompts) <= 64:                                   # an overview, rows of 8, blanks after the last image
+        ims = [Image.open(out / f"{j:05d}.png") for j in range(len(prompts))]
+        ncol, nrow = min(len(ims), 8), -(-len(ims) // 8)
+        blank = Image.new("RGB", ims[0].size, "white")
+        make_image_grid(ims + [blank] * (ncol * nrow - len(ims)), nrow, ncol).save(out / "grid.png")
     return out
-
-
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"          # torch-fidelity's FID Inception weights
-
-
-def _image_files(folder: Path, what: str):
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-                   and not p.name.startswith(".") and p.name != "grid.png") if folder.is_dir() else []
-    if len(files) < 2:
-        raise UsageError(f"{what} {folder} needs a folder with at least 2 images")
-    return files
-
-
-def evaluate(args) -> dict:
-    """`evaluate`: FID of --images against --reference (torchmetrics), and CLIP score of --images against the
-    prompts of their manifest.jsonl (transformers' CLIP), the paper's metrics (Sec. 5). Every feature extractor is
-    read from a local path or cache; a missing one is refused before any work."""
-    from PIL import Image
-    import numpy as np
-
-    images = Path(args.images)
-    fakes = _image_files(images, "--images")
-    reals = _image_files(Path(args.reference), "--reference") if args.reference else None
-    if not reals and not args.clip_model:
-        raise UsageError("give --reference (for FID) and/or --clip-model (for the CLIP score)")
-    rows = []
-    if args.clip_model:
-        man = images / "manifest.jsonl"
-        if not man.is_file():
-            raise UsageError(f"the CLIP score needs {man}: make the images with `minisplam.py sample`")
-        rows = [json.loads(l) for l in man.read_text().splitlines() if l.strip()]
-        clip_src = Path(args.clip_model).expanduser()
-        if not clip_src.is_dir():
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(args.clip_model, "config.json"), str):
-                raise UsageError(f"CLIP model {args.clip_model!r} is neither a local folder nor in the Hugging Face "
-                                 "cache: download it where there is internet (e.g. `huggingface-cli download "
-                                 "openai/clip-vit-large-patch14`) or pass a local folder")
-    if reals is not None:
-        if args.fid_features == "inception":
-            weights = Path(args.inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
-            if not weights.is_file():
-                raise UsageError(f"FID needs the Inception weights {INCEPTION_FILE} at {weights}: download them where "
-                                 "there is internet (torch-fidelity fetches them on first use) or pass --inception-weights")
-            try:
-                from torchmetrics.image.fid import NoTrainInceptionV3
-                extractor = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
-            except (ImportError, ModuleNotFoundError) as e:
-                raise UsageError(f"FID with Inception needs torchmetrics and torch-fidelity ({e}): "
-                                 "pip install -e '.[eval]'") from e
-        else:
-            extractor = torch.jit.load(args.fid_features)          # any (N, 3, H, W) uint8 -> (N, D) module
-    from tqdm.auto import tqdm
-
-    def batches(files):
-        for i in range(0, len(files), args.batch_size):
-            arr = [np.array(Image.open(f).convert("RGB").resize((args.size, args.size), Image.BICUBIC))
-                   for f in files[i:i + args.batch_size]]
-            yield files[i:i + args.batch_size], torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
-
-    result = {"images": str(images.resolve()), "n_images": len(fakes)}
-    if reals is not None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        fid = FrechetInceptionDistance(feature=extractor)
-        for real, files in ((True, reals), (False, fakes)):
-            for _, x in tqdm(batches(files), desc=f"FID {'reference' if real else 'images'}", unit="batch"):
-                fid.update(x, real=real)
-        result.update(fid=fid.compute().item(), reference=str(Path(args.reference).resolve()), n_reference=len(reals))
-    if rows:
-        from transformers import CLIPModel, CLIPProcessor
-
-        prompt = {r["file"]: r["prompt"] for r in rows}
-        model, proc = CLIPModel.from_pretrained(args.clip_model).eval(), CLIPProcessor.from_pretrained(args.clip_model)
-        scored, scores = [f for f in fakes if f.name in prompt], []
-        for files, x in tqdm(batches(scored), desc="CLIP score", unit="batch"):
-            with torch.no_grad():                      # CLIP score = 100 max(cos(image, text), 0) (Hessel et al.)
-                out = model(**proc(text=[prompt[f.name] for f in files], images=list(x), return_tensors="pt",
-                                   padding=True, truncation=True))
-            scores.append(100 * (out.image_embeds * out.text_embeds).sum(-1).clamp(min=0))
-        result.update(clip_score=torch.cat(scores).mean().item(), clip_model=args.clip_model, n_clip=len(scored))
-    _write_atomic(images / "eval.json", json.dumps(result, indent=1))
-    return result
-
-
-def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0, arch: str = "sd") -> str:
-    """A tiny, randomly initialised SD (or SDXL: two text encoders, pooled embeddings, size/crop time ids) teacher
-    pipeline for tests and CPU smoke runs of the CLI. Its images are noise; its code paths are SD's / SDXL's."""
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    check_prediction_type(prediction_type)
-    out = check_output(Path(out_dir), "make-tiny-sd OUT", overwrite=None)
-    torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: i + 2 for i, c in enumerate(
-        list(letters) + [c + "</w>" for c in letters])}}
-    tmp = Path(tempfile.mkdtemp(dir=out))                     # a local vocabulary: no download
-    (tmp / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=16)
-    shutil.rmtree(tmp)
-    te = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                        pad_token_id=1, projection_dim=32)
-    xl = arch == "sdxl"
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64 if xl else 32,
-                                attention_head_dim=8, norm_num_groups=8,
-                                **(dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                                        projection_class_embeddings_input_dim=32 + 6 * 8) if xl else {}))
-    parts = dict(unet=unet, text_encoder=CLIPTextModel(te), tokenizer=tok,
-                 vae=AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                                   sample_size=16),
-                 scheduler=DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         prediction_type=prediction_type, clip_sample=False, steps_offset=1))
-    if xl:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=CLIPTextModelWithProjection(te), tokenizer_2=tok)
-    else:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.save_pretrained(out)
-    return str(out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1581,7 +1275,7 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0, 
 # ----------------------------------------------------------------------------------------
 
 
-def _number(kind, lo, strict=False):
+def number_arg(kind, lo, strict=False):
     """argparse type: a number >= lo (> lo if strict), refused with one line otherwise."""
     import argparse
 
@@ -1597,18 +1291,23 @@ def _number(kind, lo, strict=False):
     return parse
 
 
-def build_parser():
+def cli_parser(**kw):
+    """argparse whose errors are one line, exit code 2, no usage dump (also for benchmarks/evaluate.py)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
-        def error(self, message):                    # one line, exit code 2, no usage dump
+        def error(self, message):
             print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
             raise SystemExit(2)
 
-    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pos_int, nonneg_int, pos_float = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
-    p = Parser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.", **fmt)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    return Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+
+def build_parser():
+    pos_int, nonneg_int, pos_float = number_arg(int, 1), number_arg(int, 0), number_arg(float, 0, strict=True)
+    p = cli_parser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.")
+    fmt = dict(formatter_class=p.formatter_class)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=type(p))
 
     t = sub.add_parser("train", help="distil a teacher with SPLAD (Alg. 1)", **fmt)
     g = t.add_argument_group("data")
@@ -1638,7 +1337,7 @@ def build_parser():
     g.add_argument("--ema-mu", type=float, default=0.95, help="EMA rate of the target theta^-")
     g = t.add_argument_group("optimisation")
     g.add_argument("--lr", type=pos_float, default=8e-6, help="AdamW learning rate (may change on --resume)")
-    g.add_argument("--weight-decay", type=_number(float, 0), default=0.0, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=number_arg(float, 0), default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=pos_float, default=10.0, help="gradient clipping (Appendix A)")
     g.add_argument("--batch-size", type=pos_int, default=8, help="images per step and process")
     g.add_argument("--max-steps", type=pos_int, default=6000, help="stop after this many steps (may change on --resume)")
@@ -1655,7 +1354,7 @@ def build_parser():
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' AdamW8bit")
 
-    s = sub.add_parser("sample", help="few-step images from a run or an exported pipeline", **fmt)
+    s = sub.add_parser("sample", help="few-step images from a run, an exported pipeline or a LoRA", **fmt)
     s.add_argument("--model", required=True, help="a training run or an exported pipeline folder")
     s.add_argument("--base-model", default=None, help="with a LoRA folder: its teacher (hub id or folder)")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -1666,28 +1365,11 @@ def build_parser():
     s.add_argument("--batch-size", type=pos_int, default=8, help="prompts per batch")
     s.add_argument("--out", default="samples", help="folder for the images, manifest.jsonl and sample.json")
 
-    e = sub.add_parser("export", help="write a plain diffusers StableDiffusionPipeline (LCMScheduler)", **fmt)
+    e = sub.add_parser("export", help="a diffusers pipeline (LCMScheduler), or a LoRA run's LoRA weights", **fmt)
     e.add_argument("--run", required=True, help="the training run")
     e.add_argument("--out", required=True, help="a new or empty folder")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run or the cwd)")
 
-    v = sub.add_parser("evaluate", help="FID and CLIP score of a folder of generated images (torchmetrics)", **fmt)
-    v.add_argument("--images", required=True, help="folder written by `sample` (images + manifest.jsonl)")
-    v.add_argument("--reference", help="folder of reference images for FID (e.g. COCO val at 512 px)")
-    v.add_argument("--fid-features", default="inception",
-                   help="'inception' (torch-fidelity's FID Inception) or a TorchScript file (N,3,H,W) uint8 -> (N,D)")
-    v.add_argument("--inception-weights", default=None,
-                   help=f"local {INCEPTION_FILE}; default: the torch hub cache")
-    v.add_argument("--clip-model", default=None, help="local folder or cached hub id of a CLIP model, e.g. "
-                                                        "openai/clip-vit-large-patch14 (the paper: OpenCLIP ViT-g/14)")
-    v.add_argument("--size", type=pos_int, default=299, help="images are resized to size x size before the extractors")
-    v.add_argument("--batch-size", type=pos_int, default=50, help="images per batch")
-
-    m = sub.add_parser("make-tiny-sd", help="write a tiny random SD teacher for smoke tests", **fmt)
-    m.add_argument("out", help="a new or empty folder")
-    m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
-                   help="what the UNet predicts")
-    m.add_argument("--arch", default="sd", choices=["sd", "sdxl"], help="SD 1.x layout, or SDXL's two text encoders")
     return p
 
 
@@ -1700,26 +1382,13 @@ def main(argv=None):
                 print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
             return res
         if args.cmd == "sample":
-            out = sample_to_folder(args)
-            print(f"wrote images, manifest.jsonl and grid to {out}")
+            print(f"wrote images, manifest.jsonl and grid to {(out := sample_to_folder(args))}")
             return out
-        if args.cmd == "export":
-            print(f"exported to {export(args.run, args.out, args.overwrite)}")
-            return args.out
-        if args.cmd == "evaluate":
-            res = evaluate(args)
-            print(json.dumps(res, indent=1))
-            return res
-        if args.cmd == "make-tiny-sd":
-            print(f"wrote a tiny random SD teacher to {make_tiny_sd(args.out, args.prediction_type, arch=args.arch)}")
-            return args.out
-    except UsageError as e:
+        print(f"exported to {export(args.run, args.out, args.overwrite)}")
+        return args.out
+    except (UsageError, FloatingPointError) as e:                 # a bad input: 2; a diverged run: 1
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-
+        raise SystemExit(2 if isinstance(e, UsageError) else 1)
 
 if __name__ == "__main__":
     main()

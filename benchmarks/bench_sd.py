@@ -24,6 +24,7 @@ import time
 import torch
 
 import minisplam as ms
+from toy.tiny_sd import make_tiny_sd
 
 CONFIGS = [("LCM k=20", dict(objective="lcm", k=20)),
            ("SPLAD k=20", dict(objective="splam", k=20)),
@@ -36,7 +37,7 @@ def shapes_pipeline(xl: bool, device, dtype):
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    tiny = ms.make_tiny_sd(tempfile.mkdtemp() + "/t")                     # only for its local tokenizer files
+    tiny = make_tiny_sd(tempfile.mkdtemp() + "/t")                     # only for its local tokenizer files
     tok = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer", model_max_length=77)
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             max_position_embeddings=77)
@@ -116,7 +117,7 @@ def main(argv=None):
         sd, fp32_unet = shapes_pipeline(a.model == "sdxl-shapes", device, low)
         res = a.resolution or (1024 if sd.xl else 512)
     else:
-        path = ms.make_tiny_sd(tempfile.mkdtemp() + "/t", arch="sdxl" if a.model == "tiny-sdxl" else "sd") \
+        path = make_tiny_sd(tempfile.mkdtemp() + "/t", arch="sdxl" if a.model == "tiny-sdxl" else "sd") \
             if a.model in ("tiny", "tiny-sdxl") else ms.resolve_teacher(a.model)
         sd, fp32_unet = ms.load_sd(path, device, low), None
         res = a.resolution or (16 if a.model.startswith("tiny") else 1024 if sd.xl else 512)

@@ -6,9 +6,9 @@
 The teacher is the shapes teacher of toy/shapes_sd.py (a tiny SD UNet trained on captioned coloured shapes). Each
 method is distilled with `minisplam.main(["train", ...])` in segments: train to step s, measure, `--resume` to the
 next s (resume is exact, tested in tests/test_sd.py). Measured on fixed noise and prompts at every s:
-  * the coupled 1/2/4-step error to the teacher's guided 100-step ODE (minisplam.few_step_errors);
+  * the coupled 1/2/4-step error to the teacher's guided 100-step ODE (toy.measure.few_step_errors);
   * the held-out SPLAD loss (Eq. 17) on shapes the run never saw (toy/shapes_sd.py: heldout_loss);
-and at the end delta(t) of Fig. 2c (minisplam.consistency_delta). Results go to benchmarks/results/learning_curve.json
+and at the end delta(t) of Fig. 2c (toy.measure.consistency_delta). Results go to benchmarks/results/learning_curve.json
 after every measurement (a rerun skips what is done) and learning_curve.png.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minisplam as ms  # noqa: E402
-from toy import shapes_sd as sh  # noqa: E402
+from toy import measure, shapes_sd as sh  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = {"LCM k=20": ["--objective", "lcm", "--k", "20"], "SPLAM k=20": ["--objective", "splam", "--k", "20"],
@@ -69,7 +69,7 @@ def one_run(job):
     unet = ms.load_run(run).unet
     x, caps = sh.shapes(32, st["resolution"], 3)
     with torch.no_grad():
-        z0 = sd.vae.encode(x).latent_dist.mean * sd.vae.config.scaling_factor
+        z0 = sd.pipe.vae.encode(x).latent_dist.mean * sd.pipe.vae.config.scaling_factor
         c = ms.encode_prompts(sd, caps, "cpu")
         u = ms.encode_prompts(sd, [""], "cpu").expand_as(c)
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(3))
@@ -78,7 +78,7 @@ def one_run(job):
     for key in ("ode", "same_noise"):
         delta[key] = []
     for t in delta["t"]:
-        d = ms.consistency_delta(model, teacher, z0, noise, c, u, st["w"], sd.sched, t, 20, step=20)
+        d = measure.consistency_delta(model, teacher, z0, noise, c, u, st["w"], sd.sched, t, 20, step=20)
         delta["ode"].append(d["ode"])
         delta["same_noise"].append(d["same_noise"])
     return {"method": method, "seed": seed, "curve": curve, "delta": delta, "wall_s": time.perf_counter() - t0}

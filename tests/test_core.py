@@ -5,6 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 import minisplam as ms
+from toy import measure
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -319,13 +320,13 @@ def test_few_step_errors_vanish_for_a_perfect_consistency_model(sched):
     x_T = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
     c = torch.zeros(512)
     ode = lambda x, t: ode_exact(x, torch.full((x.shape[0],), t))
-    ddim = ms.ode_sample(teacher, x_T, c, c, 1.0, sched, 200)                        # the toys' reference
+    ddim = measure.ode_sample(teacher, x_T, c, c, 1.0, sched, 200)                        # the toys' reference
     assert torch.allclose(ddim, ode(x_T, 999), rtol=0.02, atol=1e-3)
-    err, x = ms.few_step_errors(model, x_T, c, sched, ode, (1, 2, 4))
+    err, x = measure.few_step_errors(model, x_T, c, sched, ode, (1, 2, 4))
     assert max(err.values()) < 5e-3, err
     assert (x[4] - ode(x_T, 999)).norm(dim=1).mean() > 0.3
     broken = lambda x, t, c: model(x, t, c) + 0.1                                      # and it is not blind
-    assert min(ms.few_step_errors(broken, x_T, c, sched, ode, (1, 2, 4))[0].values()) > 0.01
+    assert min(measure.few_step_errors(broken, x_T, c, sched, ode, (1, 2, 4))[0].values()) > 0.01
 
 
 def test_consistency_delta_is_zero_on_the_ode_not_on_same_noise_pairs(sched):
@@ -336,7 +337,7 @@ def test_consistency_delta_is_zero_on_the_ode_not_on_same_noise_pairs(sched):
     x0, noise = 0.7 * torch.randn(256, 2, generator=g), torch.randn(256, 2, generator=g)
     c = torch.zeros(256)
     for t in (199, 599, 899):
-        d = ms.consistency_delta(model, teacher, x0, noise, c, c, 1.0, sched, t, 20)
+        d = measure.consistency_delta(model, teacher, x0, noise, c, c, 1.0, sched, t, 20)
         assert d["ode"] < 2e-3 and d["same_noise"] > 10 * d["ode"], (t, d)
 
 
@@ -404,15 +405,15 @@ def test_scheduler_baseline_uses_exactly_num_steps_evaluations():
                                                      timestep_spacing="trailing")):
         for n in (1, 2, 4):
             calls.clear()
-            ms.scheduler_sample(make(), eps_fn, torch.randn(3, 2), n)
+            measure.scheduler_sample(make(), eps_fn, torch.randn(3, 2), n)
             assert len(calls) == n
 
 
 def test_ode_sample_matches_diffusers_ddim(sched):
     ref = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     x_T = torch.randn(3, 2)
-    want = ms.scheduler_sample(ref, lambda x, t: toy_eps(x, t), x_T, 10)
-    got = ms.ode_sample(lambda x, t, c: toy_eps(x, t), x_T, None, None, 1.0, sched, 10)
+    want = measure.scheduler_sample(ref, lambda x, t: toy_eps(x, t), x_T, 10)
+    got = measure.ode_sample(lambda x, t, c: toy_eps(x, t), x_T, None, None, 1.0, sched, 10)
     # same DDIM integrator on slightly different grids (ours ends with an x0 step at t=0)
     assert (got - want).abs().max() < 0.05
 

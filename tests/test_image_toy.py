@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import minisplam as ms
+from toy import measure
 from toy import image_toy as it
 
 S_D = 0.5                                   # std of Gaussian data: its PF-ODE is closed form
@@ -72,7 +73,7 @@ def test_every_solver_gets_exactly_its_nfe(nfe):
     for sch in (DDIMScheduler(**cfg), DPMSolverMultistepScheduler(**cfg, algorithm_type="dpmsolver++", solver_order=2),
                 UniPCMultistepScheduler(**cfg, solver_order=2)):
         calls.clear()
-        ms.scheduler_sample(sch, eps, torch.randn(2, 1, 4, 4), nfe)
+        measure.scheduler_sample(sch, eps, torch.randn(2, 1, 4, 4), nfe)
         assert len(calls) == nfe, type(sch).__name__
     f = GaussEps()
     it.ipndm_sample(f, torch.randn(2, 1, 4, 4), it.poly_sigmas(nfe, 0.03, 14.6))

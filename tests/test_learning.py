@@ -2,7 +2,7 @@
 
 A tiny SD UNet trained on captioned coloured shapes (toy/shapes_sd.py) is the teacher; `python minisplam.py train`
 distils it through the unchanged CLI (VAE latents, CLIP conditioning, sd_step, mixed precision, the EMA target).
-The distilled student's coupled few-step error to the teacher's guided ODE (minisplam.few_step_errors) must fall
+The distilled student's coupled few-step error to the teacher's guided ODE (toy.measure.few_step_errors) must fall
 clearly below the untrained student's (the teacher itself used as a few-step sampler).
 
 Margins: benchmarks/learning_curve.py measures the same set-up over 3 seeds (benchmarks/results/learning_curve.json).
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import minisplam as ms
+from toy import measure
 from toy import shapes_sd as sh
 
 RES, W, TEACHER_STEPS = 8, 3.0, 300
@@ -45,7 +46,7 @@ def test_the_shapes_teacher_depends_on_the_prompt(shapes):
     """Otherwise 'learning' could mean learning one unconditional map."""
     root, (sd, x_T, cond, ode), _ = shapes
     ref = ode(x_T, sd.sched.T - 1)
-    swapped = ms.ode_sample(ms.unet_eps(sd.unet, sd.sched, sd.prediction_type), x_T, cond.roll(1, 0),
+    swapped = measure.ode_sample(ms.unet_eps(sd.unet, sd.sched, sd.prediction_type), x_T, cond.roll(1, 0),
                             ms.encode_prompts(sd, [""], "cpu").expand_as(cond), W, sd.sched, 100)
     gap = (ref - swapped).flatten(1).norm(dim=1).mean()
     print(f"same noise, another prompt: |ODE output difference| = {gap:.3f} (output norm "

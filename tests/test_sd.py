@@ -9,23 +9,25 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import minisplam as ms
+from toy.tiny_sd import make_tiny_sd
 
 FAST = ["--resolution", "16", "--batch-size", "2", "--num-workers", "0", "--w", "3", "--lr", "1e-4"]
 
 
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory):
-    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "teacher"))
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny") / "teacher"))
 
 
 @pytest.fixture(scope="session")
 def teacher_v(tmp_path_factory):
-    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny_v") / "teacher"), prediction_type="v_prediction")
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_v") / "teacher"), prediction_type="v_prediction")
 
 
 def _png(color, size=(20, 24)):
@@ -66,12 +68,18 @@ def test_train_writes_atomic_safetensors_checkpoints_and_validation(teacher, dat
     assert ck.name == "checkpoint-0000004"
     assert {p.name for p in ck.iterdir()} == {"student.safetensors", "target.safetensors", "optimizer.pt", "state.json"}
     assert not list(run.glob(".tmp-*"))
-    assert Image.open(run / "validation" / "step-0000004.png").size[0] > 300          # labelled grid, readable size
+    grid = torch.from_numpy(np.array(Image.open(run / "validation" / "step-0000004.png"))).permute(2, 0, 1) / 255
+    R = grid.shape[2] // 3                                    # rows: the two default prompts; columns: 1, 2, 4 steps
+    assert grid.shape[1:] == (2 * R, 3 * R)
+    sd, eps = ms.load_distilled(str(run))                     # the step-4 checkpoint's EMA student, as validated
+    for j, steps in enumerate((1, 2, 4)):
+        want = ms.generate_images(sd, eps, ["a photo of a cat", "a painting of a lighthouse at dusk"], steps, 0, R)
+        for i in range(2):
+            assert (grid[:, i * R:(i + 1) * R, j * R:(j + 1) * R] - want[i]).abs().max() <= 1 / 255 + 1e-6
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows] == res["losses"]
     assert all({"lr", "skipped", "time"} <= set(r) for r in rows) and rows[0]["lr"] == 1e-4
     assert any(f.endswith("bad.png") for r in rows for f in r.get("skipped_files", []))  # named, not just counted
-    assert (run / "validation" / "loss.png").stat().st_size > 5000
 
 
 def test_kill_and_resume_continues_the_same_run(teacher, data, tmp_path):
@@ -155,8 +163,8 @@ def test_export_loads_in_diffusers_and_matches_our_sampler(which, teacher, teach
     for steps in (1, 2, 4):
         ref = pipe(prompts, num_inference_steps=steps, guidance_scale=1.0, height=16, width=16,
                    generator=torch.Generator().manual_seed(3), output_type="pt").images
-        ours = ms.generate(str(out), prompts, steps, seed=3, resolution=16)
-        from_run = ms.generate(str(run), prompts, steps, seed=3, resolution=16)
+        ours = generate(str(out), prompts, steps, seed=3, resolution=16)
+        from_run = generate(str(run), prompts, steps, seed=3, resolution=16)
         assert torch.allclose(ours, ref, atol=1e-4), (steps, (ours - ref).abs().max())
         assert torch.allclose(from_run, ours, atol=1e-5)
 
@@ -235,6 +243,12 @@ def test_webdataset_kill_and_resume_continues_the_same_run(teacher, shards, tmp_
 # --- bad input: clear, early errors --------------------------------------------------------------
 
 
+def generate(model, prompts, steps, seed, resolution=None, base=None):
+    """A run, an exported pipeline or a LoRA (+ base): one batch from our sampler, as `sample` makes it."""
+    sd, eps = ms.load_distilled(model, "cpu", base)
+    return ms.generate_images(sd, eps, prompts, steps, seed, resolution)
+
+
 def _error(capsys, argv):
     with pytest.raises(SystemExit) as e:
         ms.main(argv)
@@ -255,7 +269,7 @@ def test_teacher_dir_without_parts(capsys, data, tmp_path):
 
 
 def test_unsupported_prediction_type(capsys, data, tmp_path):
-    t = ms.make_tiny_sd(str(tmp_path / "x0teacher"))
+    t = make_tiny_sd(str(tmp_path / "x0teacher"))
     cfg = Path(t) / "scheduler" / "scheduler_config.json"
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "sample"}))  # an x0 teacher
     err = _error(capsys, ["train", "--teacher", t, "--data", data, "--output-dir", str(tmp_path / "r"), *FAST])
@@ -438,11 +452,23 @@ BAD_INPUTS = [  # (argv with {T} teacher, {D} data, {R} trained run, {F} a user'
     (["export", "--run", "{R}", "--out", "{R}/..", "--overwrite"], "never replaces"),
     (["export", "--run", "{R}", "--out", ".", "--overwrite"], "never replaces"),
     (["export", "--run", "{R}", "--out", "{F}"], "is an existing file"),
-    (["make-tiny-sd", "{U}"], "is not empty"),
-    (["evaluate", "--images", "{U}", "--reference", "{U}"], "at least 2 images"),
-    (["evaluate", "--images", "{R}", "--size", "0"], "--size: must be >= 1"),
-    (["make-tiny-sd", "{T}x", "--prediction-type", "sample"], "invalid choice: 'sample'"),
 ]
+
+
+@pytest.mark.parametrize("argv,msg", [(["{U}"], "is not empty"), (["{T}", "--prediction-type", "sample"],
+                                                                      "invalid choice: 'sample'")])
+def test_tiny_sd_cli_refuses_with_one_line(argv, msg, tmp_path, capsys):
+    """python -m toy.tiny_sd: a non-empty folder or a bad choice is one line, exit 2, and nothing is written."""
+    from toy import tiny_sd
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "thesis.txt").write_text("years of work")
+    argv = [a.replace("{U}", str(tmp_path / "user")).replace("{T}", str(tmp_path / "t")) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        tiny_sd.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["thesis.txt", "user"]
 
 
 @pytest.mark.parametrize("argv,msg", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
@@ -573,7 +599,7 @@ def tiny_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     d = tmp_path_factory.mktemp("clip")
-    tok_dir = Path(ms.make_tiny_sd(str(d / "sd"))) / "tokenizer"
+    tok_dir = Path(make_tiny_sd(str(d / "sd"))) / "tokenizer"
     torch.manual_seed(0)
     CLIPModel(CLIPConfig(text_config=dict(vocab_size=54, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                           num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
@@ -586,15 +612,27 @@ def tiny_clip(tmp_path_factory):
     return str(d / "model")
 
 
+def _evaluate_main():
+    sys.path.insert(0, str(Path(ms.__file__).parent / "benchmarks"))
+    import evaluate
+
+    return evaluate.main
+
+
 def test_evaluate_fid_and_clip_score_offline(trained_run, tiny_clip, tmp_path, capsys):
-    """`evaluate` through torchmetrics with small extractors built here; FID of a set against itself is ~0."""
+    """benchmarks/evaluate.py through torchmetrics with small extractors built here: FID of a set against itself is
+    ~0; the CLIP score equals 100 max(cos, 0) of the same CLIP on the PNGs as PIL opens them."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    main = _evaluate_main()
     gen, ref = tmp_path / "gen", tmp_path / "ref"
     ref.mkdir()
     g = torch.Generator().manual_seed(0)
     for i in range(6):
         Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(ref / f"{i}.png")
+    prompts = [f"a {'red blue green cat dog owl'.split()[i]} square" for i in range(6)]
     ms.main(["sample", "--model", str(trained_run), "--out", str(gen), "--resolution", "16",
-             *[x for i in range(6) for x in ("--prompt", f"a {'red blue green cat dog owl'.split()[i]} square")]])
+             *[x for p in prompts for x in ("--prompt", p)]])
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 4, 4), torch.nn.Flatten(), torch.nn.Linear(64, 4)).eval()
 
     class Features(torch.nn.Module):                   # uint8 images in, as torchmetrics' FID passes them
@@ -607,15 +645,27 @@ def test_evaluate_fid_and_clip_score_offline(trained_run, tiny_clip, tmp_path, c
 
     feats = tmp_path / "features.pt"
     torch.jit.script(Features()).save(str(feats))
-    base = ["evaluate", "--images", str(gen), "--fid-features", str(feats), "--size", "16"]
-    res = ms.main([*base, "--reference", str(ref), "--clip-model", tiny_clip])
-    assert res["n_images"] == 6 and res["n_clip"] == 6 and res["fid"] > 0 and math.isfinite(res["clip_score"])
+    base = ["--images", str(gen), "--fid-features", str(feats), "--size", "16"]
+    res = main([*base, "--reference", str(ref), "--clip-model", tiny_clip])
+    assert res["n_images"] == 6 and res["n_clip"] == 6 and res["fid"] > 0
     assert json.loads((gen / "eval.json").read_text()) == res
-    same = ms.main(["evaluate", "--images", str(ref), "--reference", str(ref), "--fid-features", str(feats),
-                    "--size", "16"])
+    model, proc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        out = model(**proc(text=prompts, images=[Image.open(gen / f"{i:05d}.png") for i in range(6)],
+                           return_tensors="pt", padding=True))
+    want = (100 * torch.cosine_similarity(out.image_embeds, out.text_embeds).clamp(min=0)).mean().item()
+    assert res["clip_score"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+    same = main(["--images", str(ref), "--reference", str(ref), "--fid-features", str(feats), "--size", "16"])
     assert abs(same["fid"]) < 1e-3 * res["fid"]                                # a set against itself
-    assert "Inception weights" in _error(capsys, [*base[:3], "--reference", str(ref), "--inception-weights",
-                                                  str(tmp_path / "none.pth")])
-    assert "neither a local folder nor in the Hugging Face cache" in _error(
-        capsys, [*base, "--clip-model", "nobody/no-such-clip"])
-    assert "at least 2 images" in _error(capsys, ["evaluate", "--images", str(tmp_path / "none"), "--reference", str(ref)])
+
+    def error(argv, msg):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+    error([*base[:2], "--reference", str(ref), "--inception-weights", str(tmp_path / "none.pth")], "Inception weights")
+    error([*base, "--clip-model", "nobody/no-such-clip"], "neither a local folder nor in the Hugging Face cache")
+    error(["--images", str(tmp_path / "none"), "--reference", str(ref)], "at least 2 images")
+    error(["--images", str(gen), "--size", "0"], "--size: must be >= 1")

@@ -1,4 +1,4 @@
-"""SDXL teachers and LoRA students, offline on CPU: tiny random SD / SDXL pipelines built here (make-tiny-sd), driven
+"""SDXL teachers and LoRA students, offline on CPU: tiny random SD / SDXL pipelines built here (toy/tiny_sd.py), driven
 through the real CLI and checked against diffusers' own pipelines and load_lora_weights."""
 
 import json
@@ -9,20 +9,22 @@ import torch
 from safetensors.torch import load_file
 
 import minisplam as ms
-from test_sd import _error, _png, data  # noqa: F401  (the shared data fixture)
+from toy import tiny_sd
+from toy.tiny_sd import make_tiny_sd
+from test_sd import _error, _png, data, generate  # noqa: F401  (the shared data fixture)
 from test_sd import _train as train_cli
 
 
 @pytest.fixture(scope="session")
 def xl(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_xl") / "teacher"
-    ms.main(["make-tiny-sd", str(out), "--arch", "sdxl"])
+    tiny_sd.main([str(out), "--arch", "sdxl"])                       # the CLI: python -m toy.tiny_sd OUT --arch sdxl
     return str(out)
 
 
 @pytest.fixture(scope="session")
 def sd15(tmp_path_factory):
-    return ms.make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd") / "teacher"))
+    return make_tiny_sd(str(tmp_path_factory.mktemp("tiny_sd") / "teacher"))
 
 
 def _train(teacher, data, out, *extra):
@@ -87,7 +89,7 @@ def test_sdxl_full_trains_resumes_and_exports_an_sdxl_pipeline(xl, data, tmp_pat
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim is None
     for steps in (1, 4):
         ref = _images(pipe, ["a red square", "a blue square"], steps)
-        ours = ms.generate(str(tmp_path / "a"), ["a red square", "a blue square"], steps, seed=3, resolution=16)
+        ours = generate(str(tmp_path / "a"), ["a red square", "a blue square"], steps, seed=3, resolution=16)
         print(f"SDXL export vs our sampler, {steps} step(s): max abs diff {(ours - ref).abs().max():.2e}")
         assert torch.allclose(ours, ref, atol=1e-4)
 
@@ -126,7 +128,7 @@ def test_lora_trains_only_adapters_keeps_the_teacher_resumes_and_exports_for_loa
     pipe.load_lora_weights(out)
     for steps in (1, 4):
         ref = _images(pipe, ["a red square", "a blue square"], steps)
-        ours = ms.generate(str(tmp_path / "a"), ["a red square", "a blue square"], steps, seed=3, resolution=16)
+        ours = generate(str(tmp_path / "a"), ["a red square", "a blue square"], steps, seed=3, resolution=16)
         diff = (ours - ref).abs().max().item()
         with capsys.disabled():
             print(f"{arch} LoRA: load_lora_weights pipeline vs our sampler, {steps} step(s): max abs diff {diff:.2e}")
@@ -159,7 +161,7 @@ def test_pretrained_vae_replaces_the_teachers(sd15, data, tmp_path):
            "--pretrained-vae", str(tmp_path / "vae"))
     assert json.loads((tmp_path / "r" / "config.json").read_text())["pretrained_vae"] == str(tmp_path / "vae")
     sd = ms.load_run(tmp_path / "r")
-    assert sd.vae.decoder.conv_out.weight.abs().max() == 0
+    assert sd.pipe.vae.decoder.conv_out.weight.abs().max() == 0
 
 
 @pytest.mark.parametrize("argv", [["--model", "tiny-sdxl", "--lora", "4"], ["--model", "tiny", "--gradient-checkpointing"],

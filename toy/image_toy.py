@@ -37,8 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.utils import numpy_to_pil
 
 import minisplam as ms
+from toy import measure
 
 OUT = Path(__file__).resolve().parent / "out"
 FULL_OUT, FULL_ITERS = Path(__file__).resolve().parent / "results" / "image_toy_full", 1500
@@ -417,7 +419,7 @@ def save_class_grid(x, labels, n_classes, path, per_class=8, zoom=4):
         rows.append(torch.cat(list(xc), dim=-1))
     img = ((torch.cat(rows, dim=-2)[None] + 1) / 2).clamp(0, 1)
     img = F.interpolate(img, scale_factor=zoom, mode="nearest").expand(1, 3, -1, -1)
-    ms.save_grid(img, 1, path)
+    numpy_to_pil(img.permute(0, 2, 3, 1).numpy())[0].save(path)
 
 
 def plot_curves(curves, n, path):
@@ -510,7 +512,7 @@ def main(argv=None):
     teacher_eps = ms.unet_eps(unet, sched, pred, cond_arg="class_labels")
     with torch.no_grad():
         t0 = time.perf_counter()
-        ref = ms.ode_sample(teacher_eps, x_T, cond, uncond, w, sched, a.ode_steps)
+        ref = measure.ode_sample(teacher_eps, x_T, cond, uncond, w, sched, a.ode_steps)
         timing["reference_s"] = time.perf_counter() - t0
     real_x = x[torch.randperm(len(x), generator=g)[: a.n_eval]].to(dev)
     real_feat = clf.body(real_x)
@@ -537,7 +539,7 @@ def main(argv=None):
               "UniPC": lambda: UniPCMultistepScheduler.from_config(common, solver_order=2)}
     guided = lambda xx, t: ms.guided_eps(teacher_eps, xx, t, cond, uncond, w)
     for name, make in makers.items():
-        results[name] = {n: score(ms.scheduler_sample(make(), guided, x_T, n)) for n in nfes}
+        results[name] = {n: score(measure.scheduler_sample(make(), guided, x_T, n)) for n in nfes}
     view = EDMView(sched)
     schedules = {"uniform": lambda n: uniform_sigmas(n, view, sched.T),
                  "poly": lambda n: poly_sigmas(n, view.sigma_min, view.sigma_max)}
@@ -559,7 +561,7 @@ def main(argv=None):
             results["AMED-Solver"][n] = score(amed_sample(edm, g_phi, x_T, sig, afs))
         amed_info[n] = {"steps": steps, "afs": afs, "params": n_par, "train_s": secs}
         print(f"AMED NFE={n}: {steps} steps, AFS={afs}, g_phi {n_par} params, trained in {secs:.0f}s", flush=True)
-    grids["DPM-Solver++(2M) NFE=4"] = ms.scheduler_sample(makers["DPM-Solver++(2M)"](), guided, x_T, 4)
+    grids["DPM-Solver++(2M) NFE=4"] = measure.scheduler_sample(makers["DPM-Solver++(2M)"](), guided, x_T, 4)
     for n in (3, 4):
         if n in amed_models:
             with torch.no_grad():

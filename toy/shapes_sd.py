@@ -1,10 +1,10 @@
 """A tiny Stable Diffusion teacher that means something: coloured shapes named by their captions.
 
-`python minisplam.py make-tiny-sd` writes random SD components, whose images are noise. Here the UNet of such a
+`python -m toy.tiny_sd` writes random SD components, whose images are noise. Here the UNet of such a
 folder is trained for a few hundred steps as an ordinary text-conditioned diffusion model on captioned shapes
 ("red square", "blue circle", ...), so that its guided ODE maps noise to latents that depend on the prompt.
 The tests and `benchmarks/learning_curve.py` distil it through the unchanged CLI (`python minisplam.py train`) and
-measure the student's coupled few-step error to the teacher (`minisplam.few_step_errors`), from the same noise
+measure the student's coupled few-step error to the teacher (`toy.measure.few_step_errors`), from the same noise
 and prompts: the SD path (VAE latents, CLIP conditioning, sd_step, mixed precision, the EMA) is shown to learn.
 
     python toy/shapes_sd.py OUT_DIR [--steps 400]      # teacher in OUT_DIR/teacher, data in OUT_DIR/data
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import minisplam as ms
+from toy import measure
+from toy.tiny_sd import make_tiny_sd
 
 COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
 SHAPES = ("square", "circle")
@@ -57,14 +59,14 @@ def write_imagefolder(folder: Path, n: int, resolution: int = 16, seed: int = 0)
 
 def make_teacher(out: Path, steps: int = 400, n: int = 1024, resolution: int = 16, batch: int = 64,
                  lr: float = 2e-3, seed: int = 0) -> Path:
-    """make-tiny-sd, then its UNet trained as an eps-prediction DDPM on the shapes, 10% empty captions (for
+    """toy/tiny_sd.py, then its UNet trained as an eps-prediction DDPM on the shapes, 10% empty captions (for
     guidance). As in SD, the VAE's raw latents have std 1 / scaling_factor (0.18215): its encoder output is scaled
     by c and its decoder input by 1 / c (the same autoencoder), so the scaled latents the UNet sees have unit std."""
-    ms.make_tiny_sd(str(out), seed=seed)
+    make_tiny_sd(str(out), seed=seed)
     sd = ms.load_sd(str(out))
     x, caps = shapes(n, resolution, seed)
     g = torch.Generator().manual_seed(seed)
-    vae, f = sd.vae, sd.vae.config.scaling_factor
+    vae, f = sd.pipe.vae, sd.pipe.vae.config.scaling_factor
     with torch.no_grad():
         z = vae.encode(x).latent_dist.sample(g)
         z, c = z / z.std(), 1 / (f * z.std().item())                          # unit-std latents; raw std 1 / f
@@ -91,14 +93,14 @@ def make_teacher(out: Path, steps: int = 400, n: int = 1024, resolution: int = 1
         opt.step()
         lr_sched.step()
     unet.save_pretrained(out / "unet")                       # the folder make_tiny_sd just created
-    sd.vae.save_pretrained(out / "vae")
+    sd.pipe.vae.save_pretrained(out / "vae")
     return out
 
 
 def reference(teacher_dir: str, prompts, w: float, seed: int = 0, ode_steps: int = 100, resolution: int = 16):
     """Fixed noise, the prompts' embeddings and the teacher's guided ODE (`ode_steps` DDIM steps over the whole
     range): what every student is measured against. Returns (sd, x_T, cond, ode) with ode(x, t) as
-    minisplam.few_step_errors takes it."""
+    toy.measure.few_step_errors takes it."""
     sd = ms.load_sd(teacher_dir)
     g = torch.Generator().manual_seed(10_000 + seed)
     x_T = torch.randn(ms.latent_shape(sd, len(prompts), resolution), generator=g)
@@ -106,15 +108,15 @@ def reference(teacher_dir: str, prompts, w: float, seed: int = 0, ode_steps: int
     uncond = ms.encode_prompts(sd, [""], "cpu").expand_as(cond)
     teacher = ms.unet_eps(sd.unet, sd.sched, sd.prediction_type)
     T = sd.sched.T
-    ode = lambda x, t: ms.ode_sample(teacher, x, cond, uncond, w, sd.sched, max(1, round(ode_steps * (t + 1) / T)), t)
+    ode = lambda x, t: measure.ode_sample(teacher, x, cond, uncond, w, sd.sched, max(1, round(ode_steps * (t + 1) / T)), t)
     return sd, x_T, cond, ode
 
 
 def run_errors(run_or_teacher: str, sd, x_T, cond, ode, steps=(1, 2, 4)) -> dict:
-    """Coupled few-step errors (minisplam.few_step_errors) of a training run's EMA student or, given the teacher
+    """Coupled few-step errors (toy.measure.few_step_errors) of a training run's EMA student or, given the teacher
     folder, of the untrained student: the teacher itself used as a few-step sampler."""
     unet = ms.load_run(run_or_teacher).unet if (Path(run_or_teacher) / "config.json").is_file() else sd.unet
-    return ms.few_step_errors(ms.unet_eps(unet, sd.sched, sd.prediction_type), x_T, cond, sd.sched, ode, steps)[0]
+    return measure.few_step_errors(ms.unet_eps(unet, sd.sched, sd.prediction_type), x_T, cond, sd.sched, ode, steps)[0]
 
 
 def heldout_loss(run_or_teacher: str, sd, cfg: ms.SPLADConfig, n: int = 64, batch: int = 16, seed: int = 2,
@@ -135,7 +137,7 @@ def heldout_loss(run_or_teacher: str, sd, cfg: ms.SPLADConfig, n: int = 64, batc
     with torch.no_grad():
         uncond = ms.encode_prompts(sd, [""], "cpu")
         for i in range(0, n, batch):
-            z0 = sd.vae.encode(x[i:i + batch]).latent_dist.sample(g) * sd.vae.config.scaling_factor
+            z0 = sd.pipe.vae.encode(x[i:i + batch]).latent_dist.sample(g) * sd.pipe.vae.config.scaling_factor
             cond = ms.encode_prompts(sd, caps[i:i + batch], "cpu")
             total += ms.splad_loss(eps(student, cfg.gamma_features), eps(target, cfg.gamma_features), eps(sd.unet),
                                    z0, cond, uncond.expand_as(cond), sd.sched, cfg, g).item() * len(z0)

@@ -110,7 +110,8 @@ def run_group(task):
         cfg = ms.SPLADConfig(w=a["w"], loss="l2", **spec)
         t0 = time.perf_counter()
         net, curve = t2.distill(None, pre, gmm, teacher, sched, ev, a["iters"], seed, a["w"], a["lr"], a["batch"],
-                                a["eval_every"], cfg=cfg, wrap=(lambda n: u_ablation(n, sched, cfg.k)) if wrap_u else None)
+                                a["eval_every"], cfg=cfg, wrap=(lambda n: u_ablation(n, sched, cfg.k)) if wrap_u else None,
+                                anneal=a.get("anneal", False))
         res = t2.evaluate(net, ev, sched, seed)
         ok, last, prev = converged(curve)
         out.append({"teacher": teacher_kind, "width": width, "seed": seed, "method": name, "spec": task["methods"][name],
@@ -251,6 +252,60 @@ def plot(report, path: Path):
     plt.close(fig)
 
 
+ANNEAL_BUDGETS = (10000, 20000)
+
+
+def anneal_study(a, settings):
+    """Convergence by annealing: each method's lr decays to 0 over its budget, so its error ends on a plateau; a run
+    has converged when doubling the budget (10k -> 20k) changes its 1-step error by less than 5%. Same seeds, data,
+    lr and schedule for every method; the best variant is the one phase 1 of the main study chose."""
+    q = a.quick
+    path = a.out / ("study2d_anneal_quick.json" if q else "study2d_anneal.json")
+    budgets = (40, 80) if q else ANNEAL_BUDGETS
+    best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
+    methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
+               "SPLAM best k=20": {**best, "k": 20}}
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    settings = {**settings, "anneal": True, "budgets": list(budgets)}
+    if report.get("settings", settings) != settings:
+        raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
+    report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
+    t0 = time.perf_counter()
+    cache = a.out / "cache"
+    with ProcessPoolExecutor(a.workers) as pool:
+        list([] if a.report else pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, 128)
+                                                       for s in range(settings["seeds"])]))
+    tasks = [{"args": {**settings, "iters": n, "eval_every": max(n // 40, 1)}, "teacher": "exact", "width": 128,
+              "seed": s, "methods": {f"{m} cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}": v
+                                     for m, v in methods.items()}}
+             for n in budgets for s in range(settings["seeds"])]
+    if not a.report:
+        run_tasks(tasks, report, path, a.workers, cache)
+    report["wall_s"] += 0 if a.report else time.perf_counter() - t0
+    report["summary"] = summary(report)
+    report["command"] = f"python toy/study.py --anneal{' --quick' if q else ''}"
+    report["table"] = table(report["summary"])
+    report["doubling"] = doubling(report["summary"], budgets)
+    save(path, report)
+    print(report["table"] + "\n\n" + report["doubling"])
+    return report
+
+
+def doubling(rows, budgets):
+    """Markdown: each method's 1-step error at both annealed budgets, and the relative change (the plateau test)."""
+    tag = lambda n: f"cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}"
+    by = {r["method"]: r for r in rows}
+    lines = [f"| method | 1-step error, {budgets[0]} its | 1-step error, {budgets[1]} its | change | converged (< 5%) |",
+             "|---|---|---|---|---|"]
+    for m in ("LCM k=20", "SPLAM paper k=20", "SPLAM best k=20"):
+        a, b = by.get(f"{m} {tag(budgets[0])}"), by.get(f"{m} {tag(budgets[1])}")
+        if a and b:
+            ch = (b["err_1step"]["mean"] - a["err_1step"]["mean"]) / a["err_1step"]["mean"]
+            f = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
+            lines.append(f"| {m} | {f(a['err_1step'])} | {f(b['err_1step'])} | {100 * ch:+.1f}% | {abs(ch) < 0.05} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny budget, 1 seed, 2 variants: checks the plumbing only")
@@ -258,6 +313,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only summarise the runs already in the JSON (table, figure)")
+    p.add_argument("--anneal", action="store_true", help="the convergence check: LCM and both SPLAMs (k=20, exact "
+                   "teacher) with the lr cosine-decayed to 0 over 10k and over 20k iterations (study2d_anneal.json)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     q = a.quick
@@ -265,6 +322,8 @@ def main(argv=None):
                 "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
                 "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.anneal:
+        return anneal_study(a, settings)
     path = a.out / ("study2d_quick.json" if q else "study2d.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
     if report.get("settings", settings) != settings:

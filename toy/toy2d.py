@@ -29,6 +29,7 @@ import torch.nn as nn
 from diffusers.models.embeddings import get_timestep_embedding
 
 import minisplam as ms
+from toy import measure
 
 OUT = Path(__file__).resolve().parent / "out"
 NULL = 2  # label of the unconditional (null) class
@@ -156,7 +157,7 @@ def student_eps(net):
 
 
 def consistency_error(net, gmm, teacher, sched, w, n: int = 1000, seed: int = 0, k: int = 20):
-    """delta(t) of Fig. 2c (minisplam.consistency_delta) for t on the grid, t >= 100: 'ode' solves the exact guided
+    """delta(t) of Fig. 2c (toy.measure.consistency_delta) for t on the grid, t >= 100: 'ode' solves the exact guided
     teacher ODE from x_t to t-k (k steps of size 1); 'same_noise' is the paper's simulation."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (n,), generator=g)
@@ -165,7 +166,7 @@ def consistency_error(net, gmm, teacher, sched, w, n: int = 1000, seed: int = 0,
     uncond = torch.full_like(labels, NULL)
     out = {"t": [], "ode": [], "same_noise": []}
     for t in range(119, sched.T, 20):
-        d = ms.consistency_delta(student_eps(net), teacher, x0, noise, labels, uncond, w, sched, t, k)
+        d = measure.consistency_delta(student_eps(net), teacher, x0, noise, labels, uncond, w, sched, t, k)
         out["t"].append(t)
         out["ode"].append(d["ode"])
         out["same_noise"].append(d["same_noise"])
@@ -197,8 +198,8 @@ class EvalSet:
         self.x_T = torch.randn(n, 2, generator=g)
         x_T_b = torch.randn(n, 2, generator=g)
         with torch.no_grad():
-            self.ref_a = ms.ode_sample(teacher, self.x_T, self.labels, uncond, w, sched, ode_steps)
-            self.ref_b = ms.ode_sample(teacher, x_T_b, self.labels, uncond, w, sched, ode_steps)
+            self.ref_a = measure.ode_sample(teacher, self.x_T, self.labels, uncond, w, sched, ode_steps)
+            self.ref_b = measure.ode_sample(teacher, x_T_b, self.labels, uncond, w, sched, ode_steps)
         self.noise_floor = class_sw2(self.ref_a, self.ref_b, self.labels)
         self.teacher, self.sched, self.w, self.uncond, self.ode_steps = teacher, sched, w, uncond, ode_steps
 
@@ -207,10 +208,17 @@ class EvalSet:
         return class_sw2(x, self.ref_b, self.labels)
 
     def ode(self, sub=slice(None)):
-        """ode(x, t) for minisplam.few_step_errors: the teacher's ODE output from x at t, on the grid of ref_a."""
+        """ode(x, t) for toy.measure.few_step_errors: the teacher's ODE output from x at t, on the grid of ref_a.
+        From the evaluation noise itself (every 1-step error) that is ref_a, computed once."""
         T, n = self.sched.T, self.ode_steps
-        return lambda x, t: ms.ode_sample(self.teacher, x, self.labels[sub], self.uncond[sub], self.w, self.sched,
-                                          max(1, round(n * (t + 1) / T)), t_start=t)
+
+        def solve(x, t):
+            if t == T - 1 and torch.equal(x, self.x_T[sub]):
+                return self.ref_a[sub]
+            return measure.ode_sample(self.teacher, x, self.labels[sub], self.uncond[sub], self.w, self.sched,
+                                      max(1, round(n * (t + 1) / T)), t_start=t)
+
+        return solve
 
     def one_step_error(self, x1):
         """||F(x_T) - ODE(x_T)|| from the same noise."""
@@ -227,9 +235,10 @@ def student_from(pre: MLP, gamma_kind: str) -> MLP:
 
 
 def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, batch, eval_every,
-            n_curve=1000, cfg: ms.SPLADConfig = None, wrap=None):
+            n_curve=1000, cfg: ms.SPLADConfig = None, wrap=None, anneal: bool = False):
     """Alg. 1 with the method METHODS[name] (or an explicit `cfg`). `wrap(net)` turns the network into the student
-    callable splad_loss sees (default: the network itself). Returns the EMA target and its training curve."""
+    callable splad_loss sees (default: the network itself). anneal: cosine-decay the lr to 0 over `iters` (the
+    study's convergence check). Returns the EMA target and its training curve."""
     cfg = cfg or ms.SPLADConfig(w=w, loss="l2", **METHODS[name])
     wrap = wrap or (lambda net: net)
     g = torch.Generator().manual_seed(seed)
@@ -237,6 +246,7 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
     student = student_from(pre, cfg.gamma_features)
     target = copy.deepcopy(student).requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if anneal else None
     uncond = torch.full((batch,), NULL)
     curve = {"iter": [], "train_s": [], "err_1": [], "sw2_1": [], "sw2_4": []}
     train_s = 0.0
@@ -244,7 +254,7 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
     def log(it):
         sub = slice(0, n_curve)
         lab = ev.labels[sub]
-        err, x = ms.few_step_errors(student_eps(target), ev.x_T[sub], lab, sched, ev.ode(sub), (1, 4), seed)
+        err, x = measure.few_step_errors(student_eps(target), ev.x_T[sub], lab, sched, ev.ode(sub), (1, 4), seed)
         for steps in (1, 4):
             curve[f"sw2_{steps}"].append(class_sw2(x[steps], ev.ref_b[sub], lab))
         curve["err_1"].append(err[1])
@@ -261,6 +271,8 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)   # Appendix A
         opt.step()
+        if lr_sched:
+            lr_sched.step()
         ms.ema_update(target, student, cfg.ema_mu)                   # Alg. 1
         train_s += time.perf_counter() - t0
         if it % eval_every == 0 or it == iters:
@@ -269,7 +281,7 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
 
 
 def evaluate(net, ev: EvalSet, sched, seed):
-    err, x = ms.few_step_errors(student_eps(net), ev.x_T, ev.labels, sched, ev.ode(), (1, 2, 4), seed)
+    err, x = measure.few_step_errors(student_eps(net), ev.x_T, ev.labels, sched, ev.ode(), (1, 2, 4), seed)
     return {"err_1step": err[1], **{f"sw2_{n}": ev.sw2(x[n]) for n in (1, 2, 4)}}
 
 
@@ -292,7 +304,7 @@ def baselines(ev: EvalSet, sched):
     for name, make in makers.items():
         res[name] = {}
         for steps in (1, 2, 4):
-            x = ms.scheduler_sample(make(), eps_fn, ev.x_T, steps)
+            x = measure.scheduler_sample(make(), eps_fn, ev.x_T, steps)
             res[name][f"sw2_{steps}"] = ev.sw2(x)
             if steps == 1:
                 res[name]["err_1step"] = ev.one_step_error(x)
@@ -352,7 +364,7 @@ def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 90):
     panels = [(0, 0, "teacher ODE (200 steps)", ev.ref_a)]
     for j, name in enumerate(names, 1):
         for i, steps in enumerate((1, 4)):
-            x = ms.few_step_errors(student_eps(finals[name]), ev.x_T, ev.labels, sched, ev.ode(), (steps,), seed)[1]
+            x = measure.few_step_errors(student_eps(finals[name]), ev.x_T, ev.labels, sched, ev.ode(), (steps,), seed)[1]
             panels.append((i, j, f"{name}\n{steps} step", x[steps]))
     for i, j, title, x in panels:
         a = fig.add_subplot(top[i, j])

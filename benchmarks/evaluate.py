@@ -1,0 +1,128 @@
+"""The paper's quality metrics (Sec. 5) for a folder of images written by `python minisplam.py sample`:
+FID against reference images (torchmetrics) and CLIP score against the prompts of its manifest.jsonl (transformers).
+
+    python benchmarks/evaluate.py --images gen4/ --reference coco2014_val_512/ --clip-model openai/clip-vit-large-patch14
+
+Nothing is downloaded: the Inception weights (torch-fidelity's FID Inception) and the CLIP model are read from a
+local path or cache, and a missing one is refused, with one line and exit code 2, before any work. The result is
+printed and written to IMAGES/eval.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import minisplam as ms  # noqa: E402
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"          # torch-fidelity's FID Inception weights
+
+
+def image_files(folder: Path, what: str):
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                   and not p.name.startswith(".") and p.name != "grid.png") if folder.is_dir() else []
+    if len(files) < 2:
+        raise ms.UsageError(f"{what} {folder} needs a folder with at least 2 images")
+    return files
+
+
+def fid_extractor(args):
+    """torch-fidelity's Inception from a local file, or any TorchScript (N, 3, H, W) uint8 -> (N, D) module."""
+    if args.fid_features != "inception":
+        return torch.jit.load(args.fid_features)
+    weights = Path(args.inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    if not weights.is_file():
+        raise ms.UsageError(f"FID needs the Inception weights {INCEPTION_FILE} at {weights}: download them where "
+                            "there is internet (torch-fidelity fetches them on first use) or pass --inception-weights")
+    try:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+    except ImportError as e:
+        raise ms.UsageError(f"FID with Inception needs torchmetrics and torch-fidelity ({e}): "
+                            "pip install -e '.[eval]'") from e
+    return NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
+
+
+def check_clip(name: str):
+    """A local folder or a cached hub id (torchmetrics' CLIPScore is not used: with transformers 5 its image features
+    fail, 'BaseModelOutputWithPooling' object has no attribute 'norm')."""
+    if not Path(name).expanduser().is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ms.UsageError(f"CLIP model {name!r} is neither a local folder nor in the Hugging Face cache: "
+                                "download it where there is internet (e.g. `huggingface-cli download "
+                                "openai/clip-vit-large-patch14`) or pass a local folder")
+
+
+def evaluate(args) -> dict:
+    images = Path(args.images)
+    fakes = image_files(images, "--images")
+    reals = image_files(Path(args.reference), "--reference") if args.reference else None
+    if not reals and not args.clip_model:
+        raise ms.UsageError("give --reference (for FID) and/or --clip-model (for the CLIP score)")
+    prompt = {}
+    if args.clip_model:
+        man = images / "manifest.jsonl"
+        if not man.is_file():
+            raise ms.UsageError(f"the CLIP score needs {man}: make the images with `minisplam.py sample`")
+        prompt = {r["file"]: r["prompt"] for r in map(json.loads, man.read_text().splitlines()) if r}
+        check_clip(args.clip_model)
+    extractor = fid_extractor(args) if reals else None
+
+    def batches(files, desc):                                    # uint8 (B, 3, size, size), as the metrics take
+        for i in tqdm(range(0, len(files), args.batch_size), desc=desc, unit="batch"):
+            arr = [np.array(Image.open(f).convert("RGB").resize((args.size, args.size), Image.BICUBIC))
+                   for f in files[i:i + args.batch_size]]
+            yield files[i:i + args.batch_size], torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
+
+    result = {"images": str(images.resolve()), "n_images": len(fakes)}
+    if reals:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        fid = FrechetInceptionDistance(feature=extractor)
+        for real, files in ((True, reals), (False, fakes)):
+            for _, x in batches(files, f"FID {'reference' if real else 'images'}"):
+                fid.update(x, real=real)
+        result.update(fid=fid.compute().item(), reference=str(Path(args.reference).resolve()), n_reference=len(reals))
+    if prompt:
+        from transformers import CLIPModel, CLIPProcessor
+
+        model, proc = CLIPModel.from_pretrained(args.clip_model).eval(), CLIPProcessor.from_pretrained(args.clip_model)
+        scored, scores = [f for f in fakes if f.name in prompt], []
+        for files, x in batches(scored, "CLIP score"):
+            with torch.no_grad():                      # CLIP score = 100 max(cos(image, text), 0) (Hessel et al.)
+                out = model(**proc(text=[prompt[f.name] for f in files], images=list(x), return_tensors="pt",
+                                   padding=True, truncation=True))
+            scores.append(100 * torch.cosine_similarity(out.image_embeds, out.text_embeds).clamp(min=0))
+        result.update(clip_score=torch.cat(scores).mean().item(), clip_model=args.clip_model, n_clip=len(scored))
+    ms._write_atomic(images / "eval.json", json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None):
+    p = ms.cli_parser(prog="evaluate.py", description=__doc__.split("\n")[0])
+    p.add_argument("--images", required=True, help="folder written by `sample` (images + manifest.jsonl)")
+    p.add_argument("--reference", help="folder of reference images for FID (e.g. COCO val at 512 px)")
+    p.add_argument("--fid-features", default="inception",
+                   help="'inception' (torch-fidelity's FID Inception) or a TorchScript file (N,3,H,W) uint8 -> (N,D)")
+    p.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_FILE}; default: the torch hub cache")
+    p.add_argument("--clip-model", default=None, help="local folder or cached hub id of a CLIP model, e.g. "
+                                                      "openai/clip-vit-large-patch14 (the paper: OpenCLIP ViT-g/14)")
+    p.add_argument("--size", type=ms.number_arg(int, 1), default=299, help="images are resized to size x size")
+    p.add_argument("--batch-size", type=ms.number_arg(int, 1), default=50, help="images per batch")
+    try:
+        res = evaluate(p.parse_args(argv))
+    except ms.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
