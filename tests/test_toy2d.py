@@ -1,7 +1,9 @@
 """The 2D toy: its exact teacher against autograd, and a smoke run of the whole script."""
 
 import json
+import math
 
+import pytest
 import torch
 
 import minisplam as ms
@@ -79,6 +81,37 @@ def test_study_quick_runs_every_method_and_resumes(tmp_path):
     n = len(data["runs"])
     again = study.main(["--quick", "--out", str(tmp_path)])                # resumable: nothing is run twice
     assert len(again["runs"]) == n and again["table"] == rep["table"]
+
+
+def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
+    """--anneal: LCM and both SPLAMs, lr cosine-decayed to 0, at two budgets; the doubling table compares them."""
+    from toy import study
+
+    rep = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "study2d_anneal_quick.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {f"{m} k=20 cos{n}" for m in ("LCM", "SPLAM paper", "SPLAM best")
+                                                   for n in (40, 80)}
+    assert [len(r["curve"]["iter"]) for r in data["runs"]] == [5] * 6 and data["settings"]["anneal"]
+    assert rep["doubling"].count("\n| ") == 3 and "% |" in rep["doubling"]
+    again = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
+    assert len(again["runs"]) == 6 and again["table"] == rep["table"]
+
+
+def test_distill_anneal_ends_at_zero_lr(monkeypatch):
+    """anneal=True: the lr follows torch's cosine schedule to 0 at the last iteration (the study's --anneal)."""
+    from toy import toy2d as t2
+
+    seen = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (seen.append(self.param_groups[0]["lr"]),
+                                                                         step(self, *a, **k))[1])
+    sched, gmm = ms.sd_schedule(), t2.GMM()
+    ev = t2.EvalSet(gmm, t2.exact_teacher(gmm, sched), sched, 3.0, 64, 0)
+    pre = t2.MLP(32, gamma_kind="fourier4")
+    t2.distill("LCM k=20", pre, gmm, t2.exact_teacher(gmm, sched), sched, ev, 10, 0, 3.0, 1e-3, 16, 10, n_curve=16,
+               anneal=True)
+    want = [1e-3 * (1 + math.cos(math.pi * i / 10)) / 2 for i in range(10)]
+    assert seen == pytest.approx(want, rel=1e-6)
 
 
 def test_study_convergence_rule():

@@ -275,7 +275,7 @@ def anneal_study(a, settings):
     with ProcessPoolExecutor(a.workers) as pool:
         list([] if a.report else pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, 128)
                                                        for s in range(settings["seeds"])]))
-    tasks = [{"args": {**settings, "iters": n, "eval_every": max(n // 40, 1)}, "teacher": "exact", "width": 128,
+    tasks = [{"args": {**settings, "iters": n, "eval_every": max(n // (4 if q else 40), 1)}, "teacher": "exact", "width": 128,
               "seed": s, "methods": {f"{m} cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}": v
                                      for m, v in methods.items()}}
              for n in budgets for s in range(settings["seeds"])]
