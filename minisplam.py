@@ -964,8 +964,8 @@ def train(args) -> dict:
         except ImportError as e:
             raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from e
         opt_cls = bnb.optim.AdamW8bit
-    state = PartialState(cpu=not torch.cuda.is_available())    # torchrun: a process group (NCCL, or gloo on CPUs)
-    rank, world, device = state.process_index, state.num_processes, state.device
+    proc = PartialState(cpu=not torch.cuda.is_available())     # torchrun: a process group (NCCL, or gloo on CPUs)
+    rank, world, device = proc.process_index, proc.num_processes, proc.device
     run = Path(args.output_dir).expanduser().resolve()
     settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "output_dir": str(run), "world_size": world}
     shards = is_webdataset(args.data)
@@ -1081,11 +1081,11 @@ def train(args) -> dict:
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
             save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts, args.resolution,
                                  run / "validation" / f"step-{step:07d}.png")
-        state.wait_for_everyone()
+        proc.wait_for_everyone()
     bar.close()
     if skipped and rank == 0:
         print(f"skipped {skipped} corrupt or unreadable images (named in {log})", file=sys.stderr)
-    state.destroy_process_group()
+    proc.destroy_process_group()
     return {"rank": rank, "step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
 
 

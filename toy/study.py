@@ -213,12 +213,13 @@ def readme_block(report) -> str:
     ])
 
 
-def write_readme(report, readme: Path):
+def write_readme(report, readme: Path, name="study2d", cmd="python toy/study.py --report", block=None):
     text = readme.read_text()
-    begin, end = "<!-- study2d:begin (python toy/study.py --report) -->", "<!-- study2d:end -->"
+    begin, end = f"<!-- {name}:begin ({cmd}) -->", f"<!-- {name}:end -->"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
-        readme.write_text(head + begin + "\n" + readme_block(report) + "\n" + end + rest.split(end, 1)[1])
+        body = readme_block(report) if block is None else block
+        readme.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
 
 
 def plot(report, path: Path):
@@ -287,6 +288,14 @@ def anneal_study(a, settings):
     report["table"] = table(report["summary"])
     report["doubling"] = doubling(report["summary"], budgets)
     save(path, report)
+    if not q and a.out == RESULTS:
+        st = report["settings"]
+        write_readme(report, RESULTS.parent.parent / "README.md", "anneal", "python toy/study.py --anneal --report", "\n".join([
+            f"Settings: the main study's (batch {st['batch']}, AdamW lr {st['lr']} cosine-decayed to 0 over the budget, "
+            f"w = {st['w']}, L2, EMA 0.95, {st['n_eval']} evaluation noises), exact teacher, 128 wide, k = 20, seeds "
+            f"0-{st['seeds'] - 1}; budgets {' and '.join(f'{n:,}' for n in budgets)} iterations. {len(report['runs'])} runs, "
+            f"{sum(r['wall_s'] for r in report['runs']) / 60:.0f} core-minutes (`{report['command']}`, 2 workers).",
+            "", report["doubling"], "", report["table"]]))
     print(report["table"] + "\n\n" + report["doubling"])
     return report
 
