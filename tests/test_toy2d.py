@@ -92,7 +92,7 @@ def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
     assert {r["method"] for r in data["runs"]} == {f"{m} k=20 cos{n}" for m in ("LCM", "SPLAM paper", "SPLAM best")
                                                    for n in (40, 80)}
     assert [len(r["curve"]["iter"]) for r in data["runs"]] == [5] * 6 and data["settings"]["anneal"]
-    assert rep["doubling"].count("\n| ") == 3 and "% |" in rep["doubling"]
+    assert rep["doubling"].count("\n| ") == 6 and rep["doubling"].count("% |") == 3
     again = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
     assert len(again["runs"]) == 6 and again["table"] == rep["table"]
 

@@ -253,23 +253,23 @@ def plot(report, path: Path):
     plt.close(fig)
 
 
-ANNEAL_BUDGETS = (10000, 20000)
-
-
 def anneal_study(a, settings):
     """Convergence by annealing: each method's lr decays to 0 over its budget, so its error ends on a plateau; a run
     has converged when doubling the budget (10k -> 20k) changes its 1-step error by less than 5%. Same seeds, data,
     lr and schedule for every method; the best variant is the one phase 1 of the main study chose."""
     q = a.quick
     path = a.out / ("study2d_anneal_quick.json" if q else "study2d_anneal.json")
-    budgets = (40, 80) if q else ANNEAL_BUDGETS
+    budgets = (40, 80) if q else tuple(int(b) for b in a.budgets.split(","))
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
     methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
                "SPLAM best k=20": {**best, "k": 20}}
     report = json.loads(path.read_text()) if path.is_file() else {}
-    settings = {**settings, "anneal": True, "budgets": list(budgets)}
-    if report.get("settings", settings) != settings:
+    settings = {**settings, "anneal": True}
+    old = {k: v for k, v in report.get("settings", settings).items() if k != "budgets"}
+    if old != settings:
         raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
+    budgets = tuple(sorted(set(budgets) | set(report.get("settings", {}).get("budgets", []))))
+    settings["budgets"] = list(budgets)
     report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
     t0 = time.perf_counter()
     cache = a.out / "cache"
@@ -301,17 +301,23 @@ def anneal_study(a, settings):
 
 
 def doubling(rows, budgets):
-    """Markdown: each method's 1-step error at both annealed budgets, and the relative change (the plateau test)."""
+    """Markdown: each method's final 1-step error at every annealed budget, and the change from the budget before
+    (the plateau test: converged when doubling changes it by less than 5%)."""
     tag = lambda n: f"cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}"
     by = {r["method"]: r for r in rows}
-    lines = [f"| method | 1-step error, {budgets[0]} its | 1-step error, {budgets[1]} its | change | converged (< 5%) |",
-             "|---|---|---|---|---|"]
-    for m in ("LCM k=20", "SPLAM paper k=20", "SPLAM best k=20"):
-        a, b = by.get(f"{m} {tag(budgets[0])}"), by.get(f"{m} {tag(budgets[1])}")
-        if a and b:
-            ch = (b["err_1step"]["mean"] - a["err_1step"]["mean"]) / a["err_1step"]["mean"]
-            f = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
-            lines.append(f"| {m} | {f(a['err_1step'])} | {f(b['err_1step'])} | {100 * ch:+.1f}% | {abs(ch) < 0.05} |")
+    f = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f} (n={s['n']})"
+    lines = ["| method | budget (its) | final 1-step error | vs LCM | change from half the budget | converged (< 5%) |",
+             "|---|---|---|---|---|---|"]
+    for m in ("LCM k=20", "SPLAM best k=20", "SPLAM paper k=20"):
+        for i, n in enumerate(budgets):
+            r, lcm = by.get(f"{m} {tag(n)}"), by.get(f"LCM k=20 {tag(n)}")
+            prev = by.get(f"{m} {tag(budgets[i - 1])}") if i else None
+            if not r:
+                continue
+            ch = (r["err_1step"]["mean"] - prev["err_1step"]["mean"]) / prev["err_1step"]["mean"] if prev else None
+            ratio = f"{r['err_1step']['mean'] / lcm['err_1step']['mean']:.2f}×" if lcm else "n/a"
+            plateau = f"{100 * ch:+.1f}% | {abs(ch) < 0.05}" if prev else "  | "
+            lines.append(f"| {m} | {n:,} | {f(r['err_1step'])} | {ratio} | {plateau} |")
     return "\n".join(lines)
 
 
@@ -323,7 +329,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only summarise the runs already in the JSON (table, figure)")
     p.add_argument("--anneal", action="store_true", help="the convergence check: LCM and both SPLAMs (k=20, exact "
-                   "teacher) with the lr cosine-decayed to 0 over 10k and over 20k iterations (study2d_anneal.json)")
+                   "teacher) with the lr cosine-decayed to 0 over each of --budgets (study2d_anneal.json)")
+    p.add_argument("--budgets", default="10000,20000", help="--anneal: iteration budgets, each double the one before; "
+                   "runs already in the JSON are kept, so a longer budget can be added later")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     q = a.quick
