@@ -645,10 +645,10 @@ def load_image(path_or_file, resolution: int, crop_seed=None):
         g = torch.Generator().manual_seed(int(crop_seed) % 2**63)
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-    from diffusers.image_processor import VaeImageProcessor
+    import numpy as np                                       # (not VaeImageProcessor: same tensor, 5x slower here)
 
-    px = VaeImageProcessor(do_resize=False).preprocess(im.crop((left, top, left + resolution, top + resolution)))[0]
-    return px, torch.tensor([size[1], size[0], top, left, resolution, resolution])
+    px = torch.from_numpy(np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32))
+    return px.permute(2, 0, 1) / 127.5 - 1, torch.tensor([size[1], size[0], top, left, resolution, resolution])
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
@@ -831,9 +831,7 @@ def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, kee
     if (final / "state.json").is_file():                     # our own checkpoint of this step, from before a resume
         shutil.rmtree(final)
     finish_tmpdir(tmp, final)
-    ptr = run / ".latest.tmp"
-    ptr.write_text(final.name)
-    os.replace(ptr, run / "latest")
+    _write_atomic(run / "latest", final.name)
     for old in sorted(p for p in run.glob("checkpoint-*") if (p / "state.json").is_file())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -866,15 +864,14 @@ def save_validation_grid(sd, model_eps, prompts, resolution, path: Path, seed=0)
     from diffusers.utils import make_image_grid, numpy_to_pil
 
     x = torch.stack([generate_images(sd, model_eps, prompts, n, seed, resolution) for n in (1, 2, 4)], 1)
-    grid = make_image_grid(numpy_to_pil(x.flatten(0, 1).permute(0, 2, 3, 1).cpu().numpy()), len(prompts), 3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path.with_name(f".{path.name}.tmp.png"))
-    os.replace(path.with_name(f".{path.name}.tmp.png"), path)
+    _write_atomic(path, make_image_grid(numpy_to_pil(x.flatten(0, 1).permute(0, 2, 3, 1).cpu().numpy()), len(prompts), 3))
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+def _write_atomic(path: Path, data):
+    """Text, or a PIL image, written beside `path` and renamed into place: a kill leaves the old file or the new."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    tmp.write_text(data) if isinstance(data, str) else data.save(tmp)
     os.replace(tmp, path)
 
 
@@ -1256,8 +1253,7 @@ def sample_to_folder(args):
                                 args.resolution).cpu()
         rows = []
         for j, im in zip(idx, numpy_to_pil(batch.permute(0, 2, 3, 1).numpy())):
-            im.save(out / f".{j:05d}.tmp.png")
-            os.replace(out / f".{j:05d}.tmp.png", out / f"{j:05d}.png")
+            _write_atomic(out / f"{j:05d}.png", im)
             rows.append({"index": j, "prompt": prompts[j], "seed": args.seed + b, "steps": args.steps,
                          "file": f"{j:05d}.png"})
         with (out / "manifest.jsonl").open("a") as f:
@@ -1266,7 +1262,7 @@ def sample_to_folder(args):
         ims = [Image.open(out / f"{j:05d}.png") for j in range(len(prompts))]
         ncol, nrow = min(len(ims), 8), -(-len(ims) // 8)
         blank = Image.new("RGB", ims[0].size, "white")
-        make_image_grid(ims + [blank] * (ncol * nrow - len(ims)), nrow, ncol).save(out / "grid.png")
+        _write_atomic(out / "grid.png", make_image_grid(ims + [blank] * (ncol * nrow - len(ims)), nrow, ncol))
     return out
 
 

@@ -35,10 +35,16 @@ def few_step_errors(model, x_T, cond, sched: ms.VPSchedule, ode, steps=(1, 2, 4)
     from where the sampler stood, not from x_T (which fresh noise has decoupled). Returns ({n: error}, {n: samples})."""
     errors, samples = {}, {}
     for n in steps:
-        ts = ms.lcm_timesteps(n, sched.T)
-        samples[n], x_last = ms.sample(model, x_T, cond, sched, ts, torch.Generator(x_T.device).manual_seed(seed), True)
-        errors[n] = (samples[n] - ode(x_last, ts[-1])).flatten(1).norm(dim=1).mean().item()
+        samples[n], x_last = few_step_sample(model, x_T, cond, sched, n, seed, last_input=True)
+        errors[n] = (samples[n] - ode(x_last, ms.lcm_timesteps(n, sched.T)[-1])).flatten(1).norm(dim=1).mean().item()
     return errors, samples
+
+
+def few_step_sample(model, x_T, cond, sched: ms.VPSchedule, n: int, seed: int = 0, last_input: bool = False):
+    """The n-step sample (LCM timesteps, re-noising drawn from `seed`) that few_step_errors measures; with
+    last_input, also the state the last step saw."""
+    ts = ms.lcm_timesteps(n, sched.T)
+    return ms.sample(model, x_T, cond, sched, ts, torch.Generator(x_T.device).manual_seed(seed), last_input)
 
 
 @torch.no_grad()

@@ -282,10 +282,9 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
 
 
 def few_step_samples(net, ev: EvalSet, sched, steps: int, seed: int, sub=slice(None)):
-    """The student's `steps`-step samples from the evaluation noise, drawn as toy.measure.few_step_errors draws them
-    (same generator), without the teacher's ODE reference that only the error needs."""
-    return ms.sample(student_eps(net), ev.x_T[sub], ev.labels[sub], sched, ms.lcm_timesteps(steps, sched.T),
-                     torch.Generator(ev.x_T.device).manual_seed(seed))
+    """The student's `steps`-step samples from the evaluation noise, as toy.measure.few_step_errors draws them,
+    without the teacher's ODE reference that only the error needs."""
+    return measure.few_step_sample(student_eps(net), ev.x_T[sub], ev.labels[sub], sched, steps, seed)
 
 
 def evaluate(net, ev: EvalSet, sched, seed):
