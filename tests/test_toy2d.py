@@ -138,3 +138,36 @@ def test_effective_time_gives_the_ddim_state():
     x_g, _, _ = ms.sl_point(a_t * x0 + s_t * eps, a_s * x0 + s_s * eps, gam[:, None], a_t, s_t, a_s, s_s)
     a_u = a_t * scale[:, None]
     assert torch.allclose(scale[:, None] * x_g, a_u * x0 + (1 - a_u**2).sqrt() * eps, atol=1e-5)
+
+
+def test_fixed_point_error_is_the_zero_loss_students_1_step_error(sched):
+    """The student whose F is the teacher's DDIM chain to 0 (steps of `step`) makes LCM's loss zero when the
+    solver step is `step`, and not otherwise; its 1-step sample's error is EvalSet.fixed_point_error(step)."""
+    gmm = toy2d.GMM()
+    teacher = toy2d.exact_teacher(gmm, sched)
+    ev = toy2d.EvalSet(gmm, teacher, sched, 3.0, 64, 0, ode_steps=50)
+
+    def chain_student(step):
+        def student(x, t, c, gamma=None):                              # eps such that F(x, t) = chain(x, t)
+            F = ms.teacher_solve(teacher, x, t, torch.zeros_like(t), step, c, torch.full_like(c, toy2d.NULL), 3.0, sched)
+            c_skip, c_out = (v[:, None] for v in ms.boundary_scalings(t))
+            a, s = ms.alpha_sigma(sched, t, x)
+            x0 = torch.where(c_out > 0, (F - c_skip * x) / c_out.clamp(min=1e-12), x)
+            return (x - a * x0) / s
+        return student
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(128) % 2
+    x0 = gmm.sample(labels, g)
+    losses = {}
+    for name, step, spec in (("k=20", 20, dict(k=20)), ("k=100 ME", 20, dict(k=100)),
+                             ("k=100 without ME, step-20 chain", 20, dict(k=100, multiple_estimation=False))):
+        cfg = ms.SPLADConfig(objective="lcm", w=3.0, loss="l2", **spec)
+        f = chain_student(step)
+        losses[name] = ms.splad_loss(f, f, teacher, x0, labels, torch.full_like(labels, toy2d.NULL), sched, cfg,
+                                     torch.Generator().manual_seed(1)).item()
+    assert losses["k=20"] < 1e-10 and losses["k=100 ME"] < 1e-10, losses
+    assert losses["k=100 without ME, step-20 chain"] > 1e-4, losses
+    x1 = ms.sample(chain_student(20), ev.x_T, ev.labels, sched, ms.lcm_timesteps(1, sched.T))
+    assert abs(ev.one_step_error(x1) - ev.fixed_point_error(20)) < 1e-5
+    assert ev.fixed_point_error(20) < ev.fixed_point_error(100)              # a coarser solver, a worse floor

@@ -224,6 +224,17 @@ class EvalSet:
         """||F(x_T) - ODE(x_T)|| from the same noise."""
         return (x1 - self.ref_a).norm(dim=1).mean().item()
 
+    def fixed_point_error(self, step: int) -> float:
+        """The 1-step error of the map distillation converges to, for a teacher solver step `step` (Eq. 18).
+        The constraint F(x_t, t) = F(x_hat_s, s) on LCM's grid chains down to F(x, 0) = x (c_skip(0) = 1), so the
+        ideal 1-step student is the teacher's DDIM chain from x_T in steps of `step`. At gamma = 1 SPLAM's target
+        is LCM's (Alg. 1), so this floor is the same for both."""
+        n = self.x_T.shape[0]
+        T, zero = torch.full((n,), self.sched.T - 1), torch.zeros(n, dtype=torch.long)
+        with torch.no_grad():
+            x = ms.teacher_solve(self.teacher, self.x_T, T, zero, step, self.labels, self.uncond, self.w, self.sched)
+        return self.one_step_error(x)
+
 
 def student_from(pre: MLP, gamma_kind: str) -> MLP:
     """The student: the pre-trained MLP's weights with the gamma path of `gamma_kind` (cond_proj zero)."""
