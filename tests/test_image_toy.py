@@ -177,3 +177,30 @@ def test_loaded_diffusers_teacher_and_fid_fallback(tmp_path, sched):
     DDPMScheduler(prediction_type="sample").save_pretrained(bad / "scheduler")
     with pytest.raises(ValueError, match="prediction_type"):
         it.main(["--teacher", str(bad), "--out", str(tmp_path / "o2")])
+
+
+def test_image_toy_seeds_pairs_lcm_and_splam_by_seed(tmp_path):
+    """The seed summary: paired SPLAM - LCM differences per NFE, and a refusal when a seed ran other settings."""
+    from toy import image_toy_seeds
+    from toy.image_toy import FULL_OUT
+
+    def run(seed, shift, iters="1500"):
+        res = {m: {str(n): {"fd_proxy": 50.0 + n + (shift if m.startswith("SPLAM") else 0), "err_to_ode": 0.3}
+                   for n in ((1, 2, 3, 4, 5, 8) if "k=100" in m else (2, 3, 4, 5, 8))}
+               for m in (image_toy_seeds.LCM, image_toy_seeds.SPLAM, *image_toy_seeds.SOLVERS)}
+        d = tmp_path / (FULL_OUT.name + (f"_seed{seed}" if seed else ""))
+        d.mkdir(exist_ok=True)
+        (d / "image_toy.json").write_text(json.dumps({
+            "settings": {"seed": str(seed), "out": str(d), "threads": "1", "distill_iters": iters},
+            "results": res, "timing": {"total_s": 600.0}, "teacher_fd_proxy": 60.0}))
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- imageseeds:begin (python toy/image_toy_seeds.py) -->\nold\n<!-- imageseeds:end -->\nb\n")
+    run(0, -4.0), run(1, 2.0), run(2, -10.0)
+    rep = image_toy_seeds.main(tmp_path, readme)
+    row = {r["nfe"]: r for r in rep["rows"]}
+    assert rep["seeds"] == [0, 1, 2] and row[4]["splam_minus_lcm"] == [-4.0, 2.0, -10.0]
+    assert "| 4 | 54.0 ± 0.0 | 50.0 ± 6.0 | -4.0 ± 6.0 | 2/3 |" in readme.read_text()
+    run(2, -10.0, iters="250")
+    with pytest.raises(AssertionError, match="other settings"):
+        image_toy_seeds.main(tmp_path, readme)

@@ -44,6 +44,11 @@ from toy import measure
 
 OUT = Path(__file__).resolve().parent / "out"
 FULL_OUT, FULL_ITERS = Path(__file__).resolve().parent / "results" / "image_toy_full", 1500
+
+
+def full_out(seed: int) -> Path:
+    """Where `--full` writes: image_toy_full for seed 0 (the first committed run), image_toy_full_seedN otherwise."""
+    return FULL_OUT if seed == 0 else FULL_OUT.with_name(f"{FULL_OUT.name}_seed{seed}")
 NFES = (2, 3, 4, 5, 8)
 
 # ----------------------------------------------------------------------------------------
@@ -474,12 +479,12 @@ def main(argv=None):
     p.add_argument("--curve-every", type=int, default=50, help="evaluate the EMA student every N iterations")
     p.add_argument("--curve-n", type=int, default=100, help="noises of the learning curve (the first of --n-eval)")
     p.add_argument("--full", action="store_true",
-                   help=f"the committed long run: --distill-iters {FULL_ITERS}, --curve-every 100, --out {FULL_OUT}")
+                   help=f"the committed long run: --distill-iters {FULL_ITERS}, --curve-every 100, --out {FULL_OUT}[_seedN]")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     if a.full:
         a.distill_iters, a.curve_every = max(a.distill_iters, FULL_ITERS), 100
-        a.out = FULL_OUT if a.out == OUT else a.out
+        a.out = full_out(a.seed) if a.out == OUT else a.out
     torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     nfes = [int(n) for n in a.nfes.split(",")]

@@ -1,0 +1,65 @@
+"""The image toy's long run over seeds: LCM against SPLAM, paired by seed. Each seed trains its own teacher and its
+own FD-proxy classifier, so FD-proxy values compare only within a seed; the table gives each method's mean ± std and
+the paired difference SPLAM - LCM.
+
+    python toy/image_toy.py --full --seed 1     # one run per seed (seed 0: --full); toy/results/image_toy_full*
+    python toy/image_toy_seeds.py               # writes toy/results/image_toy_seeds.json and the README table
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+from toy.image_toy import FULL_OUT
+from toy.study import write_readme
+
+LCM, SPLAM = "LCM (k=100)", "SPLAM (k=100)"
+SOLVERS = ("DDIM", "DPM-Solver++(2M)", "UniPC", "iPNDM", "AMED-Solver")
+
+
+def ms(vals):
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}"
+
+
+def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
+    runs = {}
+    for f in sorted(root.glob(f"{FULL_OUT.name}*/image_toy.json")):
+        r = json.loads(f.read_text())
+        runs[int(r["settings"]["seed"])] = r
+    settings = {k: v for k, v in runs[0]["settings"].items() if k not in ("seed", "out", "threads")}
+    for s, r in runs.items():                                          # the same run on every seed
+        other = {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads")}
+        assert other == settings, f"seed {s} was run with other settings: {other}"
+    seeds = sorted(runs)
+    fd = lambda s, m, n: runs[s]["results"][m][str(n)]["fd_proxy"]
+    err = lambda s, m, n: runs[s]["results"][m][str(n)]["err_to_ode"]
+    rows = []
+    lines = [f"| NFE | LCM FD-proxy | SPLAM FD-proxy | SPLAM − LCM (paired) | SPLAM better | best solver's FD-proxy "
+             f"| LCM error to ODE | SPLAM error to ODE |", "|---|---|---|---|---|---|---|---|"]
+    for n in (1, 2, 3, 4, 5, 8):
+        lcm, spl = [fd(s, LCM, n) for s in seeds], [fd(s, SPLAM, n) for s in seeds]
+        diff = [b - a for a, b in zip(lcm, spl)]
+        solver = [min(fd(s, m, n) for m in SOLVERS if str(n) in runs[s]["results"][m]) for s in seeds] if n > 1 else []
+        e_l, e_s = [err(s, LCM, n) for s in seeds], [err(s, SPLAM, n) for s in seeds]
+        rows.append({"nfe": n, "lcm_fd": lcm, "splam_fd": spl, "splam_minus_lcm": diff, "best_solver_fd": solver,
+                     "lcm_err": e_l, "splam_err": e_s})
+        lines.append(f"| {n} | {ms(lcm)} | {ms(spl)} | {ms(diff)} | {sum(d < 0 for d in diff)}/{len(seeds)} | "
+                     f"{ms(solver) if solver else '–'} | {statistics.mean(e_l):.3f} | {statistics.mean(e_s):.3f} |")
+    wall = {s: runs[s]["timing"]["total_s"] / 60 for s in seeds}
+    report = {"seeds": seeds, "settings": settings, "rows": rows, "wall_min": wall,
+              "teacher_fd_proxy": {s: runs[s]["teacher_fd_proxy"] for s in seeds},
+              "command": "python toy/image_toy_seeds.py", "table": "\n".join(lines)}
+    out = root / "image_toy_seeds.json"
+    out.write_text(json.dumps(report, indent=1))
+    block = (f"Seeds {', '.join(map(str, seeds))} of `python toy/image_toy.py --full [--seed N]` (each "
+             f"took {min(wall.values()):.0f}-{max(wall.values()):.0f} min of wall time on 1 CPU thread, beside other jobs), summarised by "
+             f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](toy/results/image_toy_seeds.json). "
+             f"Mean ± std over seeds; *SPLAM better*: seeds on which SPLAM's FD-proxy is lower than LCM's; the teacher's "
+             f"own 100-step ODE samples score {ms(list(report['teacher_fd_proxy'].values()))}.\n\n" + report["table"])
+    write_readme(report, readme, "imageseeds", report["command"], block)
+    print(block)
+    return report
+
+
+if __name__ == "__main__":
+    main()
