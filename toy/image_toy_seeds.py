@@ -7,18 +7,18 @@ the paired difference SPLAM - LCM.
 """
 
 import json
-import statistics
 from pathlib import Path
 
 from toy.image_toy import FULL_OUT
 from toy.study import write_readme
+from toy.toy2d import mean_std
 
 LCM, SPLAM = "LCM (k=100)", "SPLAM (k=100)"
 SOLVERS = ("DDIM", "DPM-Solver++(2M)", "UniPC", "iPNDM", "AMED-Solver")
 
 
-def ms(vals):
-    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.1f}"
+def fmt(vals):
+    return "{:.1f} ± {:.1f}".format(*mean_std(vals))
 
 
 def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
@@ -26,10 +26,10 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
     for f in sorted(root.glob(f"{FULL_OUT.name}*/image_toy.json")):
         r = json.loads(f.read_text())
         runs[int(r["settings"]["seed"])] = r
-    settings = {k: v for k, v in runs[0]["settings"].items() if k not in ("seed", "out", "threads")}
+    run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads")}
+    settings = run_settings(runs[0])
     for s, r in runs.items():                                          # the same run on every seed
-        other = {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads")}
-        assert other == settings, f"seed {s} was run with other settings: {other}"
+        assert run_settings(r) == settings, f"seed {s} was run with other settings: {run_settings(r)}"
     seeds = sorted(runs)
     fd = lambda s, m, n: runs[s]["results"][m][str(n)]["fd_proxy"]
     err = lambda s, m, n: runs[s]["results"][m][str(n)]["err_to_ode"]
@@ -43,8 +43,8 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
         e_l, e_s = [err(s, LCM, n) for s in seeds], [err(s, SPLAM, n) for s in seeds]
         rows.append({"nfe": n, "lcm_fd": lcm, "splam_fd": spl, "splam_minus_lcm": diff, "best_solver_fd": solver,
                      "lcm_err": e_l, "splam_err": e_s})
-        lines.append(f"| {n} | {ms(lcm)} | {ms(spl)} | {ms(diff)} | {sum(d < 0 for d in diff)}/{len(seeds)} | "
-                     f"{ms(solver) if solver else '–'} | {statistics.mean(e_l):.3f} | {statistics.mean(e_s):.3f} |")
+        lines.append(f"| {n} | {fmt(lcm)} | {fmt(spl)} | {fmt(diff)} | {sum(d < 0 for d in diff)}/{len(seeds)} | "
+                     f"{fmt(solver) if solver else '–'} | {mean_std(e_l)[0]:.3f} | {mean_std(e_s)[0]:.3f} |")
     wall = {s: runs[s]["timing"]["total_s"] / 60 for s in seeds}
     report = {"seeds": seeds, "settings": settings, "rows": rows, "wall_min": wall,
               "teacher_fd_proxy": {s: runs[s]["teacher_fd_proxy"] for s in seeds},
@@ -55,7 +55,7 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
              f"took {min(wall.values()):.0f}-{max(wall.values()):.0f} min of wall time on 1 CPU thread, beside other jobs), summarised by "
              f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](toy/results/image_toy_seeds.json). "
              f"Mean ± std over seeds; *SPLAM better*: seeds on which SPLAM's FD-proxy is lower than LCM's; the teacher's "
-             f"own 100-step ODE samples score {ms(list(report['teacher_fd_proxy'].values()))}.\n\n" + report["table"])
+             f"own 100-step ODE samples score {fmt(list(report['teacher_fd_proxy'].values()))}.\n\n" + report["table"])
     write_readme(report, readme, "imageseeds", report["command"], block)
     print(block)
     return report
