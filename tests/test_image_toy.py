@@ -191,8 +191,10 @@ def test_image_toy_seeds_pairs_lcm_and_splam_by_seed(tmp_path):
         d = tmp_path / (FULL_OUT.name + (f"_seed{seed}" if seed else ""))
         d.mkdir(exist_ok=True)
         (d / "image_toy.json").write_text(json.dumps({
-            "settings": {"seed": str(seed), "out": str(d), "threads": "1", "distill_iters": iters},
-            "results": res, "timing": {"total_s": 600.0}, "teacher_fd_proxy": 60.0}))
+            "settings": {"seed": str(seed), "out": str(d), "threads": "1", "distill_iters": iters,
+                         "device": "cuda" if seed else "cpu"},                  # a seed may run on a GPU
+            "results": res, "timing": {"total_s": 600.0}, "teacher_fd_proxy": 60.0,
+            "curves": {n: [{"iter": i, "err_1": 0.5, "err_4": 0.3} for i in (0, 100)] for n in ("LCM", "SPLAM")}}))
 
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- imageseeds:begin (python toy/image_toy_seeds.py) -->\nold\n<!-- imageseeds:end -->\nb\n")
@@ -201,6 +203,7 @@ def test_image_toy_seeds_pairs_lcm_and_splam_by_seed(tmp_path):
     row = {r["nfe"]: r for r in rep["rows"]}
     assert rep["seeds"] == [0, 1, 2] and row[4]["splam_minus_lcm"] == [-4.0, 2.0, -10.0]
     assert "| 4 | 54.0 ± 0.0 | 50.0 ± 6.0 | -4.0 ± 6.0 | 2/3 |" in readme.read_text()
+    assert "seed 0: cpu, 10 min; seed 1: cuda" in readme.read_text() and (tmp_path / "image_toy_seeds_curve.png").is_file()
     run(2, -10.0, iters="250")
     with pytest.raises(AssertionError, match="other settings"):
         image_toy_seeds.main(tmp_path, readme)

@@ -113,7 +113,7 @@ def make_unet(channels: int, size: int, n_classes, width: int = 16):
 def train_teacher(x, y, n_classes, sched, iters, batch, lr, seed, width=16, device="cpu"):
     """eps-prediction DDPM with label dropout 10% (label n_classes = null) for guidance."""
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
+    g, sched = torch.Generator().manual_seed(seed), sched.to(device)
     unet = make_unet(x.shape[1], x.shape[-1], n_classes, width).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
@@ -191,6 +191,7 @@ class EDMEps:
         self.h = out.mean(dim=(2, 3))                                         # channel-mean pooled
 
     def __call__(self, x_tilde, sig):
+        sig = sig.to(x_tilde.device)                                          # schedules are built on the CPU
         sig = sig.expand(x_tilde.shape[0]) if sig.ndim == 0 else sig
         t = self.view.t_of(sig)
         alpha = ms._bc((1 + sig**2) ** -0.5, x_tilde)
@@ -235,6 +236,7 @@ class AMEDPredictor(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h, sig_next, sig_cur):
+        sig_next, sig_cur = sig_next.to(h.device), sig_cur.to(h.device)
         temb = torch.cat([get_timestep_embedding(100 * sig_next.log().expand(len(h)), self.t_dim, downscale_freq_shift=0),
                           get_timestep_embedding(100 * sig_cur.log().expand(len(h)), self.t_dim, downscale_freq_shift=0)], 1)
         rc = torch.sigmoid(self.out(torch.cat([self.feat(h), temb], 1)))

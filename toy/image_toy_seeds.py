@@ -1,9 +1,10 @@
 """The image toy's long run over seeds: LCM against SPLAM, paired by seed. Each seed trains its own teacher and its
 own FD-proxy classifier, so FD-proxy values compare only within a seed; the table gives each method's mean ± std and
-the paired difference SPLAM - LCM.
+the paired difference SPLAM - LCM. A seed may have run on another device (`--device cuda`): the algorithm and
+settings are the same, only the random streams differ, as they do between seeds.
 
     python toy/image_toy.py --full --seed 1     # one run per seed (seed 0: --full); toy/results/image_toy_full*
-    python toy/image_toy_seeds.py               # writes toy/results/image_toy_seeds.json and the README table
+    python toy/image_toy_seeds.py               # writes toy/results/image_toy_seeds.json, _curve.png, the README table
 """
 
 import json
@@ -21,12 +22,36 @@ def fmt(vals):
     return "{:.1f} ± {:.1f}".format(*mean_std(vals))
 
 
+def plot_curves(runs, path: Path):
+    """The 1- and 4-step error to the teacher ODE over distillation, one thin line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, steps in zip(axes, (1, 4)):
+        for name, color in (("LCM", "C0"), ("SPLAM", "C1")):
+            for i, (s, r) in enumerate(sorted(runs.items())):
+                c = r["curves"][name]
+                ax.plot([p["iter"] for p in c], [p[f"err_{steps}"] for p in c], color=color, lw=1,
+                        label=name if i == 0 else None)
+        ax.set_xlabel("distillation iteration", fontsize=11)
+        ax.set_ylabel(f"{steps}-step RMS error to teacher ODE", fontsize=11)
+        ax.set_title(f"{steps} step{'s' * (steps > 1)}, EMA student, seeds {', '.join(map(str, sorted(runs)))}",
+                     fontsize=11)
+        ax.legend(fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
     runs = {}
     for f in sorted(root.glob(f"{FULL_OUT.name}*/image_toy.json")):
         r = json.loads(f.read_text())
         runs[int(r["settings"]["seed"])] = r
-    run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads")}
+    run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads", "device")}
     settings = run_settings(runs[0])
     for s, r in runs.items():                                          # the same run on every seed
         assert run_settings(r) == settings, f"seed {s} was run with other settings: {run_settings(r)}"
@@ -46,13 +71,17 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
         lines.append(f"| {n} | {fmt(lcm)} | {fmt(spl)} | {fmt(diff)} | {sum(d < 0 for d in diff)}/{len(seeds)} | "
                      f"{fmt(solver) if solver else '–'} | {mean_std(e_l)[0]:.3f} | {mean_std(e_s)[0]:.3f} |")
     wall = {s: runs[s]["timing"]["total_s"] / 60 for s in seeds}
-    report = {"seeds": seeds, "settings": settings, "rows": rows, "wall_min": wall,
+    device = {s: runs[s]["settings"].get("device", "cpu") for s in seeds}
+    report = {"seeds": seeds, "settings": settings, "rows": rows, "wall_min": wall, "device": device,
               "teacher_fd_proxy": {s: runs[s]["teacher_fd_proxy"] for s in seeds},
               "command": "python toy/image_toy_seeds.py", "table": "\n".join(lines)}
     out = root / "image_toy_seeds.json"
     out.write_text(json.dumps(report, indent=1))
-    block = (f"Seeds {', '.join(map(str, seeds))} of `python toy/image_toy.py --full [--seed N]` (each "
-             f"took {min(wall.values()):.0f}-{max(wall.values()):.0f} min of wall time on 1 CPU thread, beside other jobs), summarised by "
+    if all("curves" in r for r in runs.values()):
+        plot_curves(runs, root / "image_toy_seeds_curve.png")
+    where = "; ".join(f"seed {s}: {device[s]}, {wall[s]:.0f} min" for s in seeds)
+    block = (f"Seeds {', '.join(map(str, seeds))} of `python toy/image_toy.py --full [--seed N] [--device cuda]` "
+             f"(device and wall time: {where}), summarised by "
              f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](toy/results/image_toy_seeds.json). "
              f"Mean ± std over seeds; *SPLAM better*: seeds on which SPLAM's FD-proxy is lower than LCM's; the teacher's "
              f"own 100-step ODE samples score {fmt(list(report['teacher_fd_proxy'].values()))}.\n\n" + report["table"])
