@@ -207,3 +207,18 @@ def test_image_toy_seeds_pairs_lcm_and_splam_by_seed(tmp_path):
     run(2, -10.0, iters="250")
     with pytest.raises(AssertionError, match="other settings"):
         image_toy_seeds.main(tmp_path, readme)
+
+
+def test_image_toy_floor_is_real_against_real(tmp_path):
+    """The FD-proxy floor: disjoint real sets against the run's reference set, in the seed's classifier's features;
+    the same set against itself is at 0, so a positive floor is the sampling noise of n_eval real images."""
+    from toy import image_toy_floor
+    from toy.image_toy import frechet
+
+    out = tmp_path / "fd_floor.json"
+    image_toy_floor.main(["--seed", "2", "--n-eval", "300", "--classifier-iters", "50", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["command"] == "python toy/image_toy_floor.py --seed 2" and len(res["fd_proxy_real_vs_real"]) == 4
+    assert all(v > 1.0 for v in res["fd_proxy_real_vs_real"])
+    f = torch.randn(300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert abs(frechet(f, f)) < 1e-8

@@ -50,6 +50,8 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
     runs = {}
     for f in sorted(root.glob(f"{FULL_OUT.name}*/image_toy.json")):
         r = json.loads(f.read_text())
+        floor = f.with_name("fd_floor.json")                              # python toy/image_toy_floor.py --seed N
+        r["fd_floor"] = json.loads(floor.read_text())["fd_proxy_real_vs_real"] if floor.is_file() else None
         runs[int(r["settings"]["seed"])] = r
     run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads", "device")}
     settings = run_settings(runs[0])
@@ -74,6 +76,7 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
     device = {s: runs[s]["settings"].get("device", "cpu") for s in seeds}
     report = {"seeds": seeds, "settings": settings, "rows": rows, "wall_min": wall, "device": device,
               "teacher_fd_proxy": {s: runs[s]["teacher_fd_proxy"] for s in seeds},
+              "fd_floor": {s: runs[s]["fd_floor"] for s in seeds},
               "command": "python toy/image_toy_seeds.py", "table": "\n".join(lines)}
     out = root / "image_toy_seeds.json"
     out.write_text(json.dumps(report, indent=1))
@@ -84,7 +87,10 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
              f"(device and wall time: {where}), summarised by "
              f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](toy/results/image_toy_seeds.json). "
              f"Mean ± std over seeds; *SPLAM better*: seeds on which SPLAM's FD-proxy is lower than LCM's; the teacher's "
-             f"own 100-step ODE samples score {fmt(list(report['teacher_fd_proxy'].values()))}.\n\n" + report["table"])
+             f"own 100-step ODE samples score {fmt(list(report['teacher_fd_proxy'].values()))}"
+             + (f"; the FD-proxy's noise floor (disjoint sets of real digits, `python toy/image_toy_floor.py --seed N`) "
+                f"is {fmt([v for s in seeds for v in runs[s]['fd_floor']])}" if all(runs[s]["fd_floor"] for s in seeds) else "")
+             + ".\n\n" + report["table"])
     write_readme(report, readme, "imageseeds", report["command"], block)
     print(block)
     return report
