@@ -46,13 +46,19 @@ def plot_curves(runs, path: Path):
     plt.close(fig)
 
 
-def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
+def load_runs(root: Path = FULL_OUT.parent) -> dict:
+    """{seed: that seed's image_toy.json, with its FD-proxy floor (None where not computed)}."""
     runs = {}
     for f in sorted(root.glob(f"{FULL_OUT.name}*/image_toy.json")):
         r = json.loads(f.read_text())
         floor = f.with_name("fd_floor.json")                              # python toy/image_toy_floor.py --seed N
         r["fd_floor"] = json.loads(floor.read_text())["fd_proxy_real_vs_real"] if floor.is_file() else None
         runs[int(r["settings"]["seed"])] = r
+    return runs
+
+
+def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
+    runs = load_runs(root)
     run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads", "device")}
     settings = run_settings(runs[0])
     for s, r in runs.items():                                          # the same run on every seed
