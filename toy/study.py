@@ -315,6 +315,8 @@ def anneal_study(a, settings):
     save(path, report)
     if not q and a.out == RESULTS:
         st = report["settings"]
+        have = {(r["method"], r["seed"]) for r in report["runs"]}
+        missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
         write_readme(report, RESULTS.parent.parent / "README.md", "anneal", "python toy/study.py --anneal --report", "\n".join([
             f"Settings: the main study's (batch {st['batch']}, AdamW lr {st['lr']} cosine-decayed to 0 over the budget, "
             f"w = {st['w']}, L2, EMA 0.95, {st['n_eval']} evaluation noises), exact teacher, 128 wide, k = 20, seeds "
@@ -322,7 +324,8 @@ def anneal_study(a, settings):
             f"{sum(r['wall_s'] for r in report['runs']) / 60:.0f} core-minutes (`{report['command']}`, 2 workers). "
             f"The floor of the 1-step error, a perfectly trained student's (the teacher's DDIM chain in steps of 20, "
             f"the same for LCM and SPLAM): {report['summary'][0]['fixed_point_err']['mean']:.4f} ± "
-            f"{report['summary'][0]['fixed_point_err']['std']:.4f}.",
+            f"{report['summary'][0]['fixed_point_err']['std']:.4f}." + (f" Not run yet: {', '.join(missing)} (the same "
+            f"command resumes them)." if missing else ""),
             "", report["doubling"], "", report["table"]]))
     print(report["table"] + "\n\n" + report["doubling"])
     return report
