@@ -430,7 +430,8 @@ def save_class_grid(x, labels, n_classes, path, per_class=8, zoom=4):
 
 
 def plot_curves(curves, n, path):
-    """Error to the teacher ODE vs distillation iteration (the image toy's Fig. 2b)."""
+    """Error to the teacher ODE vs distillation iteration (the image toy's Fig. 2b); `curves` is one run's
+    {method: curve} or a list of them (seeds: one thin line each, one colour per method)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,8 +439,10 @@ def plot_curves(curves, n, path):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, steps in zip(axes, (1, 4)):
-        for name, c in curves.items():
-            ax.plot([r["iter"] for r in c], [r[f"err_{steps}"] for r in c], label=name)
+        for i, run in enumerate([curves] if isinstance(curves, dict) else curves):
+            for j, (name, c) in enumerate(run.items()):
+                ax.plot([r["iter"] for r in c], [r[f"err_{steps}"] for r in c], color=f"C{j}",
+                        lw=1.5 if isinstance(curves, dict) else 1, label=name if i == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("distillation iteration", fontsize=11)
         ax.set_ylabel(f"{steps}-step RMS error to teacher ODE", fontsize=11)

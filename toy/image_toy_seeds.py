@@ -10,7 +10,7 @@ settings are the same, only the random streams differ, as they do between seeds.
 import json
 from pathlib import Path
 
-from toy.image_toy import FULL_OUT
+from toy.image_toy import FULL_OUT, plot_curves
 from toy.study import write_readme
 from toy.toy2d import mean_std
 
@@ -20,30 +20,6 @@ SOLVERS = ("DDIM", "DPM-Solver++(2M)", "UniPC", "iPNDM", "AMED-Solver")
 
 def fmt(vals):
     return "{:.1f} ± {:.1f}".format(*mean_std(vals))
-
-
-def plot_curves(runs, path: Path):
-    """The 1- and 4-step error to the teacher ODE over distillation, one thin line per seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, steps in zip(axes, (1, 4)):
-        for name, color in (("LCM", "C0"), ("SPLAM", "C1")):
-            for i, (s, r) in enumerate(sorted(runs.items())):
-                c = r["curves"][name]
-                ax.plot([p["iter"] for p in c], [p[f"err_{steps}"] for p in c], color=color, lw=1,
-                        label=name if i == 0 else None)
-        ax.set_xlabel("distillation iteration", fontsize=11)
-        ax.set_ylabel(f"{steps}-step RMS error to teacher ODE", fontsize=11)
-        ax.set_title(f"{steps} step{'s' * (steps > 1)}, EMA student, seeds {', '.join(map(str, sorted(runs)))}",
-                     fontsize=11)
-        ax.legend(fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def load_runs(root: Path = FULL_OUT.parent) -> dict:
@@ -87,7 +63,8 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
     out = root / "image_toy_seeds.json"
     out.write_text(json.dumps(report, indent=1))
     if all("curves" in r for r in runs.values()):
-        plot_curves(runs, root / "image_toy_seeds_curve.png")
+        plot_curves([r["curves"] for _, r in sorted(runs.items())], f"{len(runs)} seeds,",
+                    root / "image_toy_seeds_curve.png")
     where = "; ".join(f"seed {s}: {device[s]}, {wall[s]:.0f} min" for s in seeds)
     block = (f"Seeds {', '.join(map(str, seeds))} of `python toy/image_toy.py --full [--seed N] [--device cuda]` "
              f"(device and wall time: {where}), summarised by "
