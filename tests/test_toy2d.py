@@ -95,6 +95,16 @@ def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
     assert rep["doubling"].count("\n| ") == 6 and rep["doubling"].count("% |") == 3
     again = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
     assert len(again["runs"]) == 6 and again["table"] == rep["table"]
+    before = (tmp_path / "study2d_anneal_quick.json").read_bytes()
+    hot = study.main(["--quick", "--anneal", "--lr", "3e-3", "--workers", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "study2d_anneal_quick.json").read_bytes() == before     # another lr: its own JSON
+    assert json.loads((tmp_path / "study2d_anneal_lr0.003_quick.json").read_text())["settings"]["lr"] == 3e-3
+    assert hot["command"].endswith("--lr 0.003")
+    err = lambda r: {(x["method"], x["seed"]): x["err_1step"] for x in r["runs"]}
+    assert all(abs(err(hot)[m] - e) > 1e-6 for m, e in err(rep).items())  # the lr reached the optimiser
+    with pytest.raises(SystemExit) as e:
+        study.main(["--quick", "--lr", "3e-3", "--out", str(tmp_path)])    # the main study's lr is fixed
+    assert e.value.code == 2
 
 
 def test_distill_anneal_ends_at_zero_lr(monkeypatch):

@@ -35,6 +35,7 @@ from toy import toy2d as t2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = dict(objective="splam", gamma_features="authors", gamma_one_share=0.0)
+LR = 3e-4                       # the main study's AdamW lr
 PRETRAIN_KIND = "fourier4"      # the committed pre-trained nets were initialised with this (unused) gamma path
 
 
@@ -281,7 +282,8 @@ def anneal_study(a, settings):
     has converged when doubling the budget (10k -> 20k) changes its 1-step error by less than 5%. Same seeds, data,
     lr and schedule for every method; the best variant is the one phase 1 of the main study chose."""
     q = a.quick
-    path = a.out / ("study2d_anneal_quick.json" if q else "study2d_anneal.json")
+    lr_tag = "" if settings["lr"] == LR else f"_lr{settings['lr']:g}"          # another peak lr: its own JSON
+    path = a.out / (f"study2d_anneal{lr_tag}_quick.json" if q else f"study2d_anneal{lr_tag}.json")
     budgets = (40, 80) if q else tuple(int(b) for b in a.budgets.split(","))
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
     methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
@@ -309,11 +311,12 @@ def anneal_study(a, settings):
     report["wall_s"] += 0 if a.report else time.perf_counter() - t0
     fixed_points(report, cache)
     report["summary"] = summary(report)
-    report["command"] = f"python toy/study.py --anneal{' --quick' if q else ''}"
+    report["command"] = (f"python toy/study.py --anneal{' --quick' if q else ''}"
+                         + (f" --lr {settings['lr']:g}" if lr_tag else ""))
     report["table"] = table(report["summary"])
     report["doubling"] = doubling(report["summary"], budgets)
     save(path, report)
-    if not q and a.out == RESULTS:
+    if not q and a.out == RESULTS and not lr_tag:
         st = report["settings"]
         have = {(r["method"], r["seed"]) for r in report["runs"]}
         missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
@@ -366,11 +369,15 @@ def main(argv=None):
                    "teacher) with the lr cosine-decayed to 0 over each of --budgets (study2d_anneal.json)")
     p.add_argument("--budgets", default="10000,20000", help="--anneal: iteration budgets, each double the one before; "
                    "runs already in the JSON are kept, so a longer budget can be added later")
+    p.add_argument("--lr", type=float, default=LR, help="--anneal: the peak lr (same for every method); a value other "
+                   "than the main study's writes study2d_anneal_lr<lr>.json")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
+    if a.lr <= 0 or (a.lr != LR and not a.anneal):
+        p.error("--lr takes a positive value, and only with --anneal (the main study's lr is fixed)")
     q = a.quick
     settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
-                "eval_every": 20 if q else 250, "lr": 3e-4, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
+                "eval_every": 20 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
                 "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.anneal:
