@@ -35,7 +35,7 @@ from toy import toy2d as t2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = dict(objective="splam", gamma_features="authors", gamma_one_share=0.0)
-LR = 3e-4                       # the main study's AdamW lr
+LR, BATCH = 3e-4, 256           # the main study's AdamW lr and batch
 PRETRAIN_KIND = "fourier4"      # the committed pre-trained nets were initialised with this (unused) gamma path
 
 
@@ -282,8 +282,9 @@ def anneal_study(a, settings):
     has converged when doubling the budget (10k -> 20k) changes its 1-step error by less than 5%. Same seeds, data,
     lr and schedule for every method; the best variant is the one phase 1 of the main study chose."""
     q = a.quick
-    lr_tag = "" if settings["lr"] == LR else f"_lr{settings['lr']:g}"          # another peak lr: its own JSON
-    path = a.out / (f"study2d_anneal{lr_tag}_quick.json" if q else f"study2d_anneal{lr_tag}.json")
+    tag = ((f"_lr{settings['lr']:g}" if settings["lr"] != LR else "")          # another lr or batch: its own JSON
+              + (f"_b{settings['batch']}" if settings["batch"] != BATCH else ""))
+    path = a.out / (f"study2d_anneal{tag}_quick.json" if q else f"study2d_anneal{tag}.json")
     budgets = (40, 80) if q else tuple(int(b) for b in a.budgets.split(","))
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
     methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
@@ -312,11 +313,12 @@ def anneal_study(a, settings):
     fixed_points(report, cache)
     report["summary"] = summary(report)
     report["command"] = (f"python toy/study.py --anneal{' --quick' if q else ''}"
-                         + (f" --lr {settings['lr']:g}" if lr_tag else ""))
+                         + (f" --lr {settings['lr']:g}" if settings["lr"] != LR else "")
+                         + (f" --batch {settings['batch']}" if settings["batch"] != BATCH else ""))
     report["table"] = table(report["summary"])
     report["doubling"] = doubling(report["summary"], budgets)
     save(path, report)
-    if not q and a.out == RESULTS and not lr_tag:
+    if not q and a.out == RESULTS and not tag:
         st = report["settings"]
         have = {(r["method"], r["seed"]) for r in report["runs"]}
         missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
@@ -371,13 +373,15 @@ def main(argv=None):
                    "runs already in the JSON are kept, so a longer budget can be added later")
     p.add_argument("--lr", type=float, default=LR, help="--anneal: the peak lr (same for every method); a value other "
                    "than the main study's writes study2d_anneal_lr<lr>.json")
+    p.add_argument("--batch", type=int, default=BATCH, help="--anneal: the batch (same for every method); a value "
+                   "other than the main study's writes study2d_anneal_b<batch>.json")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    if a.lr <= 0 or (a.lr != LR and not a.anneal):
-        p.error("--lr takes a positive value, and only with --anneal (the main study's lr is fixed)")
+    if a.lr <= 0 or a.batch < 1 or ((a.lr, a.batch) != (LR, BATCH) and not a.anneal):
+        p.error("--lr and --batch take positive values, and only with --anneal (the main study's are fixed)")
     q = a.quick
     settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
-                "eval_every": 20 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
+                "eval_every": 20 if q else 250, "lr": a.lr, "batch": a.batch, "w": 3.0, "n_eval": 400 if q else 16000,
                 "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.anneal:
