@@ -93,6 +93,11 @@ def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
                                                    for n in (40, 80)}
     assert [len(r["curve"]["iter"]) for r in data["runs"]] == [5] * 6 and data["settings"]["anneal"]
     assert rep["doubling"].count("\n| ") == 6 and rep["doubling"].count("% |") == 3
+    for r in data["runs"]:                       # the lowest point of each (1-seed) curve, and where it was
+        i = min(range(5), key=r["curve"]["err_1"].__getitem__)
+        row = next(l for l in rep["doubling"].splitlines() if l.startswith(f"| {r['method'].rsplit(' cos', 1)[0]} | "
+                                                                            f"{r['curve']['iter'][-1]} |"))
+        assert f"| {r['curve']['err_1'][i]:.3f} ({100 * i / 4:.0f}%) |" in row
     again = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
     assert len(again["runs"]) == 6 and again["table"] == rep["table"]
     before = (tmp_path / "study2d_anneal_quick.json").read_bytes()
