@@ -323,7 +323,7 @@ def anneal_study(a, settings):
         have = {(r["method"], r["seed"]) for r in report["runs"]}
         missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
         write_readme(report, RESULTS.parent.parent / "README.md", "anneal" + tag, report["command"] + " --report", "\n".join([
-            f"Settings: {'the main study' if not tag else f'the main study (lr {LR:g}, batch {BATCH}) but for the lr or batch'}'s "
+            f"Settings: the main study's{f' except the lr or batch (main study: lr {LR:g}, batch {BATCH})' if tag else ''} "
             f"(batch {st['batch']}, AdamW lr {st['lr']:g} cosine-decayed to 0 over the budget, "
             f"w = {st['w']}, L2, EMA 0.95, {st['n_eval']} evaluation noises), exact teacher, 128 wide, k = 20, seeds "
             f"0-{st['seeds'] - 1}; budgets {' and '.join(f'{n:,}' for n in budgets)} iterations. {len(report['runs'])} runs, "
