@@ -108,7 +108,7 @@ def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
     err = lambda r: {(x["method"], x["seed"]): x["err_1step"] for x in r["runs"]}
     assert all(abs(err(hot)[m] - e) > 1e-6 for m, e in err(rep).items())  # the lr reached the optimiser
     with pytest.raises(SystemExit) as e:
-        study.main(["--quick", "--batch", "64", "--out", str(tmp_path)])  # the main study's batch is fixed
+        study.main(["--quick", "--lr", "3e-3", "--out", str(tmp_path)])    # the main study's lr is fixed
     assert e.value.code == 2
 
 

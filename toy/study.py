@@ -35,7 +35,7 @@ from toy import toy2d as t2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER = dict(objective="splam", gamma_features="authors", gamma_one_share=0.0)
-LR, BATCH = 3e-4, 256           # the main study's AdamW lr and batch
+LR = 3e-4                       # the main study's AdamW lr
 PRETRAIN_KIND = "fourier4"      # the committed pre-trained nets were initialised with this (unused) gamma path
 
 
@@ -282,8 +282,7 @@ def anneal_study(a, settings):
     has converged when doubling the budget (10k -> 20k) changes its 1-step error by less than 5%. Same seeds, data,
     lr and schedule for every method; the best variant is the one phase 1 of the main study chose."""
     q = a.quick
-    tag = ((f"_lr{settings['lr']:g}" if settings["lr"] != LR else "")          # another lr or batch: its own JSON
-              + (f"_b{settings['batch']}" if settings["batch"] != BATCH else ""))
+    tag = f"_lr{settings['lr']:g}" if settings["lr"] != LR else ""                # another lr: its own JSON
     path = a.out / (f"study2d_anneal{tag}_quick.json" if q else f"study2d_anneal{tag}.json")
     budgets = (40, 80) if q else tuple(int(b) for b in a.budgets.split(","))
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
@@ -312,18 +311,16 @@ def anneal_study(a, settings):
     report["wall_s"] += 0 if a.report else time.perf_counter() - t0
     fixed_points(report, cache)
     report["summary"] = summary(report)
-    report["command"] = (f"python toy/study.py --anneal{' --quick' if q else ''}"
-                         + (f" --lr {settings['lr']:g}" if settings["lr"] != LR else "")
-                         + (f" --batch {settings['batch']}" if settings["batch"] != BATCH else ""))
+    report["command"] = f"python toy/study.py --anneal{' --quick' if q else ''}" + (f" --lr {settings['lr']:g}" if tag else "")
     report["table"] = table(report["summary"])
     report["doubling"] = doubling(report, budgets)
     save(path, report)
-    if not q and a.out == RESULTS:                  # README block "anneal" (or "anneal_lr0.003", ...) if it has one
+    if not q and a.out == RESULTS:                  # README block "anneal" (or "anneal_lr0.003") if it has one
         st = report["settings"]
         have = {(r["method"], r["seed"]) for r in report["runs"]}
         missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
         write_readme(report, RESULTS.parent.parent / "README.md", "anneal" + tag, report["command"] + " --report", "\n".join([
-            f"Settings: the main study's{f' except the lr or batch (main study: lr {LR:g}, batch {BATCH})' if tag else ''} "
+            f"Settings: the main study's{f' except the peak lr (main study: {LR:g})' if tag else ''} "
             f"(batch {st['batch']}, AdamW lr {st['lr']:g} cosine-decayed to 0 over the budget, "
             f"w = {st['w']}, L2, EMA 0.95, {st['n_eval']} evaluation noises), exact teacher, 128 wide, k = 20, seeds "
             f"0-{st['seeds'] - 1}; budgets {' and '.join(f'{n:,}' for n in budgets)} iterations. {len(report['runs'])} runs, "
@@ -384,15 +381,13 @@ def main(argv=None):
                    "runs already in the JSON are kept, so a longer budget can be added later")
     p.add_argument("--lr", type=float, default=LR, help="--anneal: the peak lr (same for every method); a value other "
                    "than the main study's writes study2d_anneal_lr<lr>.json")
-    p.add_argument("--batch", type=int, default=BATCH, help="--anneal: the batch (same for every method); a value "
-                   "other than the main study's writes study2d_anneal_b<batch>.json")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    if a.lr <= 0 or a.batch < 1 or ((a.lr, a.batch) != (LR, BATCH) and not a.anneal):
-        p.error("--lr and --batch take positive values, and only with --anneal (the main study's are fixed)")
+    if a.lr <= 0 or (a.lr != LR and not a.anneal):
+        p.error("--lr takes a positive value, and only with --anneal (the main study's lr is fixed)")
     q = a.quick
     settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
-                "eval_every": 20 if q else 250, "lr": a.lr, "batch": a.batch, "w": 3.0, "n_eval": 400 if q else 16000,
+                "eval_every": 20 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
                 "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.anneal:
