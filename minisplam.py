@@ -1,39 +1,36 @@
 """minisplam: Sub-Path Linear Approximation Model (SPLAM / SLAM, ECCV 2024) in one file.
 
-SPLAM distils a pre-trained diffusion model into a 1-4 step generator. Like a latent
-consistency model (LCM) it trains a student F_theta to map a point x_t of the teacher's
-PF-ODE trajectory to the same output as an EMA copy does at the ODE point x_{t-k}, but
-the student's input is a point of the *sub-path linear ODE* (SL-ODE) between the two:
+SPLAM distils a pre-trained diffusion model into a 1-4 step generator. Like a latent consistency model (LCM) it
+trains a student F_theta to map a point x_t of the teacher's PF-ODE to the same output as an EMA copy gives at the
+ODE point x_{t-k}, but the student's input is a point of the *sub-path linear ODE* (SL-ODE) between the two:
 
     x_{gamma,t} = (1 - gamma) * alpha(t)/alpha(t-k) * x_{t-k} + gamma * x_t      (Eq. 12)
 
-so the hard "dist_Delta" part of the k-step objective is learned progressively over gamma.
-The algorithm is SPLAD (Alg. 1). Equation numbers refer to the arXiv version with the
-appendix, `shared/papers/slam-arxiv-with-appendix.txt`.
+so the hard "dist_Delta" part of the k-step objective is learned a fraction gamma at a time. The training
+algorithm is SPLAD (Alg. 1). Equation numbers refer to the arXiv version with the appendix,
+`shared/papers/slam-arxiv-with-appendix.txt`.
 
-The file reads in paper order:
-  1. the VP noise schedule                          (Eq. 1, 20-21)
-  2. parameterisation: x0 from eps, c_skip / c_out  (Eq. 5, 14, 16)
-  3. the teacher ODE solver Phi with guidance and multiple estimation  (Alg. 1, Eq. 18)
-  4. sub-path points: SL-ODE (Eq. 12-15, 24), DL-ODE (Eq. 26-28), LCM (gamma = 1)
-  5. the gamma embedding (zero at gamma = 1, Sec. 4.2 end)
-  6. the SPLAD loss and EMA (Eq. 17, Alg. 1)
-  7. the few-step sampler (Eq. 19 + multistep consistency sampling)
-
-Everything here is a pure function of tensors (randomness only through a passed
-torch.Generator), so the 2D toy (`python toy/toy2d.py`), the notebooks and the tests run
-exactly the code a Stable Diffusion run uses. Importing this module does no I/O.
-Sections 8-13 wire the method to Stable Diffusion (diffusers/transformers) on a GPU:
+Sections 1-7 are the method, in paper order, and end in `splad_step`, one iteration of Alg. 1:
+  1. the VP noise schedule                                   (Eq. 1, 20-21)
+  2. parameterisation: x0 from eps, c_skip / c_out           (Eq. 5, 14, 16)
+  3. the teacher ODE solver Phi: guidance, multiple estimation (Alg. 1, Eq. 18)
+  4. the sub-path point x_{gamma,t}                          (Eq. 12-15); LCM is gamma = 1 (Eq. 7)
+  5. the gamma path: zero at gamma = 1                       (Sec. 4.2)
+  6. the SPLAD loss and one training step                    (Eq. 17, Alg. 1)
+  7. the few-step sampler                                    (Eq. 19 + multistep consistency sampling)
+The ablations that toy/study.py compares (closed-form sigma, the DL-ODE, other gamma features, a share of gamma at 1)
+come after them. Everything there is a pure function of tensors (randomness only through a passed
+torch.Generator), so the 2D toy (`python toy/toy2d.py`), the notebooks and the tests run exactly the code a Stable
+Diffusion run uses. Importing this module does no I/O. Sections 8-13 wire the method to Stable Diffusion:
 
     python minisplam.py train --teacher stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --data DIR_WITH_metadata.jsonl --output-dir runs/sd15 --k 100 --w 3 --mixed-precision bf16
     python minisplam.py sample --model runs/sd15 --prompt "a photo of a cat" --steps 4
     python minisplam.py export --run runs/sd15 --out sd15-splam   # a plain diffusers pipeline
 
-A "model" in this file is a callable returning the noise prediction eps:
+A "model" here is a callable returning the noise prediction eps:
     teacher(x, t, cond) -> eps            student(x, t, cond, gamma) -> eps
-where t is a LongTensor of integer timesteps (one per sample). Wrappers for networks
-that predict v (SD 2.x-768) convert to eps before it reaches these functions.
+with t a LongTensor of integer timesteps (one per sample).
 """
 
 import functools
@@ -52,9 +49,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_nn
-
-class UsageError(ValueError):
-    """Bad input from the user (a config value, a path, a dataset): the CLI prints it without a traceback."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,30 +103,12 @@ def alpha_sigma(sched: VPSchedule, t: torch.Tensor, x: torch.Tensor):
 
 
 def x0_from_eps(x, eps, alpha, sigma):
-    """f_theta = (x - sigma * eps) / alpha                              (Eq. 14, Sec. 4.1)."""
+    """f_theta = D_theta / alpha = (x - sigma * eps) / alpha                 (Eq. 14)."""
     return (x - sigma * eps) / alpha
 
 
-def check_prediction_type(prediction_type: str) -> str:
-    """SPLAM distils eps- and v-prediction teachers; anything else is refused here, once."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UsageError(f"unsupported prediction_type {prediction_type!r}: SPLAM needs an "
-                         "'epsilon' or 'v_prediction' teacher")
-    return prediction_type
-
-
-def eps_from_output(output, x, alpha, sigma, prediction_type: str):
-    """Turn a network's raw output into eps (Eq. 14 form) for 'epsilon' or 'v_prediction'.
-
-    For v = alpha * eps - sigma * x0 (Salimans & Ho) on a VP point: eps = sigma * x + alpha * v.
-    """
-    if check_prediction_type(prediction_type) == "epsilon":
-        return output
-    return sigma * x + alpha * output
-
-
 def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """LCM's c_skip(t), c_out(t) with c_skip(0) = 1, c_out(0) = 0            (Eq. 5, 16)."""
+    """LCM's c_skip(t), c_out(t), with c_skip(0) = 1 and c_out(0) = 0          (Eq. 5)."""
     ts = t.double() * timestep_scaling
     c_skip = sigma_data**2 / (ts**2 + sigma_data**2)
     c_out = ts / (ts**2 + sigma_data**2).sqrt()
@@ -142,9 +118,8 @@ def boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling
 def consistency_fn(x, eps, t, alpha, sigma):
     """F_theta(x, t) = c_skip(t) x + c_out(t) f_theta(x, t)                 (Eq. 16).
 
-    alpha, sigma are the marginal coefficients of the point x: alpha(t), sigma(t) on the
-    PF-ODE, or alpha(gamma, t), sigma(gamma, t) on a sub-path (Eq. 14).
-    """
+    alpha, sigma are the marginal coefficients of the point x: alpha(t), sigma(t) on the PF-ODE, or
+    alpha(gamma, t), sigma(gamma, t) on a sub-path (Eq. 14)."""
     c_skip, c_out = boundary_scalings(t)
     return _bc(c_skip, x).to(x.device) * x + _bc(c_out, x).to(x.device) * x0_from_eps(x, eps, alpha, sigma)
 
@@ -157,39 +132,30 @@ def consistency_fn(x, eps, t, alpha, sigma):
 def guided_eps(teacher, x, t, cond, uncond, w: float):
     """eps = eps_uncond + w (eps_cond - eps_uncond), cond and uncond in ONE batched call.
 
-    Alg. 1 / Eq. 18 write the guided step as z + w Phi(z, c) + (1 - w) Phi(z, 0); DDIM is
-    affine in eps with weights summing to 1, so that is exactly one DDIM step with the
-    eps above. LCM writes eps_c + omega (eps_c - eps_uncond): omega = w - 1.
-    With w == 1 (no guidance) the unconditional half is skipped.
-    """
+    Alg. 1 / Eq. 18 write the guided step as z + w Phi(z, c) + (1 - w) Phi(z, 0); DDIM is affine in eps with
+    weights summing to 1, so that is exactly one DDIM step with the eps above. LCM writes
+    eps_c + omega (eps_c - eps_uncond): omega = w - 1. With w == 1 (no guidance) the null half is skipped."""
     if w == 1.0:
         return teacher(x, t, cond)
     eps_c, eps_u = teacher(torch.cat([x, x]), torch.cat([t, t]), cat_conditions(cond, uncond)).chunk(2)
     return eps_u + w * (eps_c - eps_u)
 
 
-def cat_conditions(a, b):
-    """Two conditions as one batch: tensors, or dicts of tensors (SDXL's embeddings, pooled embeddings, time ids)."""
-    return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
-
-
 def ddim_step(x, eps, alpha_t, sigma_t, alpha_s, sigma_s):
-    """One deterministic DDIM step t -> s (eta = 0): x_s = alpha_s x0_hat + sigma_s eps."""
+    """One deterministic DDIM step t -> s (eta = 0): x_s = alpha_s x0_hat + sigma_s eps, the solver Phi."""
     x0_hat = x0_from_eps(x, eps, alpha_t, sigma_t)
     return alpha_s * x0_hat + sigma_s * eps
 
 
 def teacher_solve(teacher, x_t, t, s, step: int, cond, uncond, w: float, sched: VPSchedule):
-    """x_hat_s = Phi applied (t - s) / step times with step size `step`     (Eq. 18, Alg. 1).
+    """x_hat_s = Phi applied (t - s) / step times, with step size `step`     (Eq. 18, Alg. 1 inner loop).
 
-    With step = k_phi < k this is SPLAM's *multiple estimation*; with step = k it is the
-    single DDIM step of LCM. Timesteps below 0 are clamped to the boundary t = 0, where
-    a DDIM step 0 -> 0 is the identity.
-    """
+    With step = k_phi < k this is SPLAM's *multiple estimation*; with step = k it is the single DDIM step of LCM.
+    Timesteps below 0 are clamped to the boundary t = 0, where a DDIM step 0 -> 0 is the identity."""
     n = int(math.ceil(int((t - s).max()) / step))
     x = x_t
     for i in range(n):
-        t_i = (t - i * step).clamp(min=0).maximum(s)
+        t_i = (t - i * step).clamp(min=0).maximum(s)                          # t_{phi,i} = t - i k_phi
         t_next = (t - (i + 1) * step).clamp(min=0).maximum(s)
         eps = guided_eps(teacher, x, t_i, cond, uncond, w)
         x = ddim_step(x, eps, *alpha_sigma(sched, t_i, x), *alpha_sigma(sched, t_next, x))
@@ -197,81 +163,37 @@ def teacher_solve(teacher, x_t, t, s, step: int, cond, uncond, w: float, sched: 
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Sub-path points x_{gamma,t} with their marginal alpha, sigma
+# 4. The sub-path point x_{gamma,t} and its marginal alpha, sigma (Eq. 12-15)
 # ----------------------------------------------------------------------------------------
-# Each returns (x_{gamma,t}, alpha(gamma,t), sigma(gamma,t)) so that the loss below is
-# one code path for SPLAM, its closed-form variant, the DL-ODE ablation and LCM.
+# A point function returns (x_{gamma,t}, alpha(gamma,t), sigma(gamma,t)); the loss is one code path for every
+# objective. LCM is the SL-ODE at gamma = 1: x_{1,t} = x_t, alpha = alpha(t), sigma = sigma(t) (Eq. 7).
 
 
 def sigma_sl_empirical(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
     """sigma'(gamma,t) = (1-gamma) alpha_t/alpha_s sigma_s + gamma sigma_t   (Sec. 4.2, after Eq. 15).
 
-    The main text's choice and our default: it is what the paper trained with, it is exact
-    at both endpoints (Eq. 25 vanishes at gamma in {0, 1}), and the ODE points the loss
-    really sees (x_{t-k} from the teacher, not from the forward chain of Eq. 20) follow
-    neither formula exactly. Note: Eq. 25's lead-in misprints the last term as
-    gamma * alpha(t); the main text and the derivation have gamma * sigma(t).
-    """
+    The main text's choice and ours: exact at both endpoints, and exact on a real ODE sub-path, where x_{t-k} and
+    x_t share one noise direction (notebook 2). Eq. 25's lead-in misprints the last term as gamma * alpha(t)."""
     return (1 - gamma) * alpha_t / alpha_s * sigma_s + gamma * sigma_t
 
 
-def sigma_sl_closed(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
-    """sigma(gamma,t) of Eq. 24, exact when x_t = (alpha_t/alpha_s) x_s + noise (Eq. 20)."""
-    r2 = (alpha_t / alpha_s) ** 2
-    return (r2 * sigma_s**2 + gamma**2 * (1 - r2)).clamp(min=0).sqrt()
-
-
-def sigma_sl_error(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
-    """e_sigma = sigma(gamma,t)^2 - sigma'(gamma,t)^2 = 2 gamma (1-gamma) r sigma_s (r sigma_s - sigma_t),
-    r = alpha_t/alpha_s (Eq. 25, third line; VP only). Zero at gamma in {0, 1}."""
-    r = alpha_t / alpha_s
-    return 2 * gamma * (1 - gamma) * r * sigma_s * (r * sigma_s - sigma_t)
-
-
 def sl_point(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s, sigma_fn=sigma_sl_empirical):
-    """SL-ODE point (Eq. 12): (1-gamma) alpha_t/alpha_s x_s + gamma x_t; alpha(gamma,t)=alpha_t (Eq. 24)."""
+    """SL-ODE point (Eq. 12): (1-gamma) alpha_t/alpha_s x_s + gamma x_t, with alpha(gamma,t) = alpha_t (Eq. 24)."""
     x = (1 - gamma) * (alpha_t / alpha_s) * x_s + gamma * x_t
     return x, alpha_t.expand_as(gamma), sigma_fn(gamma, alpha_t, sigma_t, alpha_s, sigma_s)
 
 
-def sl_point_closed(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s):
-    """SL-ODE point with the closed-form sigma(gamma,t) of Appendix B (Eq. 24)."""
-    return sl_point(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s, sigma_sl_closed)
-
-
-def dl_point(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s):
-    """Direct-Linking ODE point (Eq. 26) and its marginal alpha_DL, sigma_DL (Eq. 28)."""
-    x = x_s + gamma * (x_t - x_s)
-    r = alpha_t / alpha_s
-    alpha = gamma * alpha_t + (1 - gamma) * alpha_s
-    sigma = ((1 - gamma + r * gamma) ** 2 * sigma_s**2 + gamma**2 * (1 - r**2)).clamp(min=0).sqrt()
-    return x, alpha, sigma
-
-
-# objective name -> (how x_{gamma,t}, alpha, sigma are formed, whether gamma ~ U[0,1]).
-# LCM is the SL-ODE at gamma == 1: x_{1,t} = x_t, alpha = alpha_t, sigma = sigma_t (Eq. 7).
-OBJECTIVES = {
-    "splam": (sl_point, True),
-    "splam-closed": (sl_point_closed, True),
-    "dl": (dl_point, True),
-    "lcm": (sl_point, False),
-}
+OBJECTIVES = {"splam": sl_point, "lcm": sl_point}     # objective -> point function (LCM: gamma = 1); ablations below
 
 
 # ----------------------------------------------------------------------------------------
 # 5. The gamma path (Sec. 4.2, SPLAD paragraph and end of the section)
 # ----------------------------------------------------------------------------------------
-# The paper feeds a Fourier embedding of gamma "into the models as an input". As in the
-# authors' script (and LCM's w embedding) it enters at the *input* of the time MLP:
-# diffusers' TimestepEmbedding computes linear_2(act(linear_1(phi_t + cond_proj(c)))), and
-# c = phi(gamma) - phi(1) goes in through its bias-free `cond_proj` (UNet `timestep_cond`).
-# cond_proj starts at zero, and c = 0 at gamma = 1, so at gamma = 1 (all of sampling, Eq. 19)
-# the student is EXACTLY the teacher's architecture for any trained weights.
-
-
-def _smooth(n):  # [sin(pi j gamma), cos(pi j gamma)], j = 1..n: periods >= 2/n in gamma
-    return lambda g: torch.cat([torch.sin(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device)),
-                                torch.cos(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device))], -1)
+# The paper feeds a Fourier embedding of gamma "into the models as an input". As in the authors' script (and LCM's
+# w embedding) it enters at the *input* of the time MLP: diffusers' TimestepEmbedding computes
+# linear_2(act(linear_1(phi_t + cond_proj(c)))), and c = phi(gamma) - phi(1) goes in through its bias-free
+# `cond_proj` (the UNet's `timestep_cond`). cond_proj starts at zero and c = 0 at gamma = 1, so at gamma = 1 (all of
+# sampling, Eq. 19) the student is EXACTLY the teacher's architecture, for any trained weights.
 
 
 def _authors(g):  # the authors' script: index 10 - 10 gamma through LCM's x1000 w embedding (256 dims)
@@ -279,11 +201,7 @@ def _authors(g):  # the authors' script: index 10 - 10 gamma through LCM's x1000
     return get_timestep_embedding(1000 * (10 - 10 * g), 256, flip_sin_to_cos=False, downscale_freq_shift=1)
 
 
-# name -> (phi, feature dim). 'fourier16' was this project's first choice; 'fourier4' is the
-# low-frequency set; 'authors' has periods down to 2 pi / 10^4 in gamma, so gamma = 1 is an
-# isolated point that gamma ~ U[0, 1] never comes near; with a share of draws AT gamma = 1
-# (SPLADConfig.gamma_one_share) it did best in toy/study.py's screen, hence the default.
-GAMMA_FEATURES = {"fourier16": (_smooth(16), 32), "fourier4": (_smooth(4), 8), "authors": (_authors, 256)}
+GAMMA_FEATURES = {"authors": (_authors, 256)}          # name -> (phi, feature dim); more in the ablations below
 
 
 def gamma_features(gamma: torch.Tensor, kind: str = "authors") -> torch.Tensor:
@@ -300,15 +218,18 @@ def zero_gamma_path(time_embedding: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------
-# 6. SPLAD: the loss of Eq. 17 and Alg. 1, and the EMA target
+# 6. SPLAD: the loss (Eq. 17) and one iteration of Alg. 1
 # ----------------------------------------------------------------------------------------
 
 
 @dataclass
 class SPLADConfig:
-    """Hyper-parameters of Alg. 1. Defaults: Appendix A's SD 1.5 setting (k=100 with ME)."""
+    """Hyper-parameters of Alg. 1. Paper (Appendix A, SD 1.5): k = 100 with multiple estimation, k_phi = 20,
+    pseudo-Huber loss, EMA 0.95; w = 8 is the paper's ablation setting (its SD 1.5 headline uses w = 3, its SD 2.1
+    runs w = 8 with k = 20 and L2). Ours, not the paper's: gamma_one_share = 0.5 (the paper: 0, gamma ~ U[0, 1];
+    toy/results/README.md says why) and huber_c = 0.001 (LCM's script; the paper does not give c)."""
 
-    objective: str = "splam"          # "splam" | "splam-closed" | "dl" | "lcm"
+    objective: str = "splam"          # a key of OBJECTIVES: "splam", "lcm"; ablations "splam-closed", "dl"
     k: int = 100                      # skipping step k
     k_phi: int = 20                   # solver step k_phi: t lives on this grid
     multiple_estimation: bool = True  # k/k_phi DDIM steps (Eq. 18); False: one step of size k
@@ -316,31 +237,12 @@ class SPLADConfig:
     loss: str = "huber"               # "huber" (c = huber_c) or "l2"
     huber_c: float = 0.001
     ema_mu: float = 0.95
-    gamma_one_share: float = 0.5      # share of draws at exactly gamma = 1; the paper: 0 (toy/study.py: 0.5)
+    gamma_one_share: float = 0.5      # share of draws at exactly gamma = 1 (an ablation, ours); the paper: 0
     gamma_features: str = "authors"   # phi(gamma) fed as timestep_cond: a key of GAMMA_FEATURES
     T: int = 1000
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
-        if self.loss not in ("huber", "l2"):
-            raise UsageError(f"loss must be 'huber' or 'l2', got {self.loss!r}")
-        if self.k_phi < 1 or self.T % self.k_phi:
-            raise UsageError(f"k_phi={self.k_phi} must be a positive divisor of T={self.T}")
-        if self.k < 1 or self.k % self.k_phi:
-            raise UsageError(f"k={self.k} must be a positive multiple of k_phi={self.k_phi} "
-                             f"(e.g. k=20 or k=100 with k_phi=20)")
-        if self.k >= self.T:
-            raise UsageError(f"k={self.k} must be smaller than the number of timesteps T={self.T}")
-        if self.w < 1:
-            raise UsageError(f"guidance scale w={self.w} must be >= 1 (w=1 is no guidance); "
-                             "note w = 1 + LCM's omega")
-        if not 0 <= self.ema_mu < 1:
-            raise UsageError(f"ema_mu={self.ema_mu} must be in [0, 1)")
-        if self.gamma_features not in GAMMA_FEATURES:
-            raise UsageError(f"gamma_features must be one of {sorted(GAMMA_FEATURES)}, got {self.gamma_features!r}")
-        if not 0 <= self.gamma_one_share <= 1:
-            raise UsageError(f"gamma_one_share={self.gamma_one_share} must be in [0, 1]")
+        check_config(self)            # input checks, after the ablations
 
     @property
     def solver_step(self) -> int:
@@ -348,20 +250,18 @@ class SPLADConfig:
 
 
 def sample_timesteps(batch: int, cfg: SPLADConfig, generator=None, device="cpu") -> torch.Tensor:
-    """t on LCM's k_phi grid {k_phi-1, 2 k_phi-1, ..., T-1}; t - k < 0 is the t = 0 boundary."""
+    """t on the k_phi grid {k_phi-1, 2 k_phi-1, ..., T-1}. Alg. 1 says t ~ U[k, T]; like LCM's script we also draw
+    t < k, whose target is the t = 0 boundary F(x, 0) = x (s = t - k is clamped to 0 in splad_loss)."""
     n = torch.randint(0, cfg.T // cfg.k_phi, (batch,), generator=generator, device=device)
     return (n + 1) * cfg.k_phi - 1
 
 
 def sample_gamma(batch: int, cfg: SPLADConfig, generator=None, device="cpu") -> torch.Tensor:
-    """gamma ~ U[0, 1] (Alg. 1), a share `gamma_one_share` of it set to exactly 1; all ones for LCM."""
-    if not OBJECTIVES[cfg.objective][1]:
+    """gamma ~ U[0, 1] (Alg. 1); all ones for LCM (Eq. 7). Ablation: a share of it set to exactly 1."""
+    if cfg.objective == "lcm":
         return torch.ones(batch, device=device)
     gamma = torch.rand(batch, generator=generator, device=device)
-    if cfg.gamma_one_share > 0:
-        ones = torch.rand(batch, generator=generator, device=device) < cfg.gamma_one_share
-        gamma = torch.where(ones, torch.ones_like(gamma), gamma)
-    return gamma
+    return with_gamma_one_share(gamma, cfg.gamma_one_share, generator)
 
 
 def distance(pred, target, cfg: SPLADConfig):
@@ -371,30 +271,23 @@ def distance(pred, target, cfg: SPLADConfig):
     return (((pred.float() - target.float()) ** 2 + cfg.huber_c**2).sqrt() - cfg.huber_c).mean()
 
 
-def splad_loss(student, target, teacher, x0, cond, uncond, sched: VPSchedule, cfg: SPLADConfig,
-               generator=None):
-    """One evaluation of L_SLAD (Eq. 17) on a batch of clean (latent) data x0, as in Alg. 1.
+def splad_loss(student, target, teacher, x0, cond, uncond, t, gamma, noise, sched: VPSchedule, cfg: SPLADConfig):
+    """L_SLAD (Eq. 17) on clean (latent) data x0 at drawn timesteps t, gamma's and noise, as in Alg. 1.
 
-    student(x, t, cond, gamma) is trained; target is its EMA copy (theta^-);
-    teacher(x, t, cond) is the frozen diffusion model. Returns the scalar loss.
-    """
-    B, dev = x0.shape[0], x0.device
-    point_fn = OBJECTIVES[cfg.objective][0]
-    t = sample_timesteps(B, cfg, generator, dev)                              # t ~ U(grid)
-    s = (t - cfg.k).clamp(min=0)                                              # t - k (0 = boundary)
-    gamma = sample_gamma(B, cfg, generator, dev)                              # gamma ~ U[0, 1]
-    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    student(x, t, cond, gamma) is trained; target is its EMA copy theta^-; teacher(x, t, cond) is the frozen
+    diffusion model. Returns the scalar loss."""
+    s = (t - cfg.k).clamp(min=0)                                               # t - k (0: the boundary)
     alpha_t, sigma_t = alpha_sigma(sched, t, x0)
     alpha_s, sigma_s = alpha_sigma(sched, s, x0)
-    x_t = alpha_t * x0 + sigma_t * noise                                      # z_t ~ N(alpha z, sigma^2)
+    x_t = alpha_t * x0 + sigma_t * noise                                       # z_t ~ N(alpha(t) z, sigma(t)^2 I)
     with torch.no_grad():
-        x_s = teacher_solve(teacher, x_t, t, s, cfg.solver_step, cond, uncond, cfg.w, sched)  # Eq. 18
-    g = _bc(gamma, x0)
-    x_g, alpha_g, sigma_g = point_fn(x_t, x_s, g, alpha_t, sigma_t, alpha_s, sigma_s)     # Eq. 12
-    pred = consistency_fn(x_g, student(x_g, t, cond, gamma), t, alpha_g, sigma_g)       # F_theta
+        x_s = teacher_solve(teacher, x_t, t, s, cfg.solver_step, cond, uncond, cfg.w, sched)   # Eq. 18
+    x_g, alpha_g, sigma_g = OBJECTIVES[cfg.objective](x_t, x_s, _bc(gamma, x0), alpha_t, sigma_t, alpha_s,
+                                                      sigma_s)                 # Eq. 12: the SL-ODE point
+    pred = consistency_fn(x_g, student(x_g, t, cond, gamma), t, alpha_g, sigma_g)           # F_theta, Eq. 16
     with torch.no_grad():
-        ones = torch.ones(B, device=dev)
-        tgt = consistency_fn(x_s, target(x_s, s, cond, ones), s, alpha_s, sigma_s)     # F_theta^-
+        ones = torch.ones_like(gamma)
+        tgt = consistency_fn(x_s, target(x_s, s, cond, ones), s, alpha_s, sigma_s)          # F_theta^-, gamma = 1
     return distance(pred, tgt, cfg)                                            # Eq. 17
 
 
@@ -405,6 +298,31 @@ def ema_update(target: nn.Module, online: nn.Module, mu: float):
         p_t.lerp_(p.detach(), 1.0 - mu)
     for b_t, b in zip(target.buffers(), online.buffers()):
         b_t.copy_(b)
+
+
+def splad_step(student, target, teacher, x0, cond, uncond, sched: VPSchedule, cfg: SPLADConfig, opt,
+               ema=None, generator=None, max_grad_norm: float = 10.0) -> torch.Tensor:
+    """One iteration of Alg. 1 on a batch x0 with conditions cond (and the null condition uncond).
+
+    student, target, teacher are the model callables of splad_loss; opt optimises the student's weights theta;
+    ema = (target module, student module) for the EMA update, or None when the target IS the online student
+    under stop-gradient (a LoRA run, as LCM-LoRA). Returns the loss (detached). A non-finite loss or gradient
+    raises FloatingPointError before the weights change (under DDP on every rank: gradients are averaged)."""
+    B, dev = x0.shape[0], x0.device
+    t = sample_timesteps(B, cfg, generator, dev)                              # t ~ U[k, T] (see sample_timesteps)
+    gamma = sample_gamma(B, cfg, generator, dev)                              # gamma ~ U[0, 1]
+    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)   # z_t's noise
+    loss = splad_loss(student, target, teacher, x0, cond, uncond, t, gamma, noise, sched, cfg)   # L(theta, theta^-)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()                                                           # grad_theta L
+    params = [p for group in opt.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)             # clipped at L2 norm 10 (App. A)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"the loss ({loss.item():.4g}) or its gradient (norm {norm.item():.4g}) is not finite")
+    opt.step()                                                                # theta <- theta - eta grad (AdamW)
+    if ema is not None:
+        ema_update(*ema, cfg.ema_mu)                                          # theta^- <- mu theta^- + (1-mu) theta
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------
@@ -423,13 +341,10 @@ def lcm_timesteps(num_steps: int, T: int = 1000, original_steps: int = 50) -> li
 
 @torch.no_grad()
 def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None, return_last_input=False):
-    """Multistep consistency sampling at gamma = 1.
-
-    model(x, t, cond) -> eps is the student at gamma = 1 (the teacher architecture).
-    x0_hat = F(x_t, t) (Eq. 19); between steps re-noise to the next timestep with fresh
-    noise drawn from `generator`. One step = one network evaluation.
-    With return_last_input: (x0_hat, the x_t its last step saw).
-    """
+    """Multistep consistency sampling at gamma = 1. model(x, t, cond) -> eps is the student at gamma = 1 (the
+    teacher's architecture). x0_hat = F(x_t, t) (Eq. 19); between steps re-noise to the next timestep with fresh
+    noise from `generator`. One step = one network evaluation. With return_last_input: (x0_hat, the x_t its last
+    step saw)."""
     x = x_T
     B = x.shape[0]
     for i, t in enumerate(timesteps):
@@ -441,7 +356,98 @@ def sample(model, x_T, cond, sched: VPSchedule, timesteps, generator=None, retur
         t_n = torch.full((B,), int(timesteps[i + 1]), dtype=torch.long, device=x.device)
         alpha_n, sigma_n = alpha_sigma(sched, t_n, x)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = alpha_n * x0_hat + sigma_n * noise
+        x = alpha_n * x0_hat + sigma_n * noise                               # x_{t_n} ~ N(alpha x0_hat, sigma^2 I)
+
+
+# ----------------------------------------------------------------------------------------
+# Ablations: variants of sections 4-6 that toy/study.py compares (none is needed to read the method)
+# ----------------------------------------------------------------------------------------
+
+
+def sigma_sl_closed(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Ablation of §4: sigma(gamma,t) of Eq. 24, exact when x_t = (alpha_t/alpha_s) x_s + noise (Eq. 20)."""
+    r2 = (alpha_t / alpha_s) ** 2
+    return (r2 * sigma_s**2 + gamma**2 * (1 - r2)).clamp(min=0).sqrt()
+
+
+def sigma_sl_error(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
+    """e_sigma = sigma(gamma,t)^2 - sigma'(gamma,t)^2 = 2 gamma (1-gamma) r sigma_s (r sigma_s - sigma_t),
+    r = alpha_t/alpha_s (Eq. 25, third line; VP only). Zero at gamma in {0, 1}."""
+    r = alpha_t / alpha_s
+    return 2 * gamma * (1 - gamma) * r * sigma_s * (r * sigma_s - sigma_t)
+
+
+def sl_point_closed(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Ablation of §4: the SL-ODE point with the closed-form sigma(gamma,t) of Appendix B (Eq. 24)."""
+    return sl_point(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s, sigma_sl_closed)
+
+
+def dl_point(x_t, x_s, gamma, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Ablation of §4: the Direct-Linking ODE point (Eq. 26) and its marginal alpha_DL, sigma_DL (Eq. 28)."""
+    x = x_s + gamma * (x_t - x_s)
+    r = alpha_t / alpha_s
+    alpha = gamma * alpha_t + (1 - gamma) * alpha_s
+    sigma = ((1 - gamma + r * gamma) ** 2 * sigma_s**2 + gamma**2 * (1 - r**2)).clamp(min=0).sqrt()
+    return x, alpha, sigma
+
+
+OBJECTIVES.update({"splam-closed": sl_point_closed, "dl": dl_point})
+
+
+def _smooth(n):  # Ablation of §5: [sin(pi j gamma), cos(pi j gamma)], j = 1..n: periods >= 2/n in gamma
+    return lambda g: torch.cat([torch.sin(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device)),
+                                torch.cos(math.pi * g[:, None] * torch.arange(1, n + 1, device=g.device))], -1)
+
+
+# 'fourier16' was this project's first choice, 'fourier4' the low-frequency set. The authors' features have periods
+# down to 2 pi / 10^4 in gamma, so gamma = 1 is an isolated point that gamma ~ U[0, 1] never comes near.
+GAMMA_FEATURES.update({"fourier16": (_smooth(16), 32), "fourier4": (_smooth(4), 8)})
+
+
+def with_gamma_one_share(gamma, share: float, generator=None):
+    """Ablation of §6 (ours, the default 0.5): set a share of the gamma draws to exactly 1, so that the gamma = 1
+    network that sampling uses is trained directly; the paper's share is 0 (toy/results/README.md)."""
+    if share == 0:
+        return gamma
+    ones = torch.rand(gamma.shape, generator=generator, device=gamma.device) < share
+    return torch.where(ones, torch.ones_like(gamma), gamma)
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks of the method's settings (the CLI refuses bad values before any model loads)
+# ----------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a config value, a path, a dataset): the CLI prints it without a traceback."""
+
+
+def check_config(cfg: SPLADConfig):
+    """Every SPLADConfig value a user can set, refused with one line that says what to do."""
+    finite = {f.name: getattr(cfg, f.name) for f in fields(cfg) if isinstance(getattr(cfg, f.name), float)}
+    bad = [f"{k}={v}" for k, v in finite.items() if not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{', '.join(bad)}: must be a finite number")
+    if cfg.objective not in OBJECTIVES:
+        raise UsageError(f"objective must be one of {sorted(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.loss not in ("huber", "l2"):
+        raise UsageError(f"loss must be 'huber' or 'l2', got {cfg.loss!r}")
+    if cfg.k_phi < 1 or cfg.T % cfg.k_phi:
+        raise UsageError(f"k_phi={cfg.k_phi} must be a positive divisor of T={cfg.T}")
+    if cfg.k < 1 or cfg.k % cfg.k_phi:
+        raise UsageError(f"k={cfg.k} must be a positive multiple of k_phi={cfg.k_phi} (e.g. k=20 or k=100 with k_phi=20)")
+    if cfg.k >= cfg.T:
+        raise UsageError(f"k={cfg.k} must be smaller than the number of timesteps T={cfg.T}")
+    if cfg.w < 1:
+        raise UsageError(f"guidance scale w={cfg.w} must be >= 1 (w=1 is no guidance); note w = 1 + LCM's omega")
+    if cfg.huber_c <= 0:
+        raise UsageError(f"huber_c={cfg.huber_c} must be > 0")
+    if not 0 <= cfg.ema_mu < 1:
+        raise UsageError(f"ema_mu={cfg.ema_mu} must be in [0, 1)")
+    if cfg.gamma_features not in GAMMA_FEATURES:
+        raise UsageError(f"gamma_features must be one of {sorted(GAMMA_FEATURES)}, got {cfg.gamma_features!r}")
+    if not 0 <= cfg.gamma_one_share <= 1:
+        raise UsageError(f"gamma_one_share={cfg.gamma_one_share} must be in [0, 1]")
 
 
 # ========================================================================================
@@ -460,6 +466,29 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 # ----------------------------------------------------------------------------------------
 # 8. Teacher and student models (SD 1.x/2.x and SDXL, full or LoRA)
 # ----------------------------------------------------------------------------------------
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """SPLAM distils eps- and v-prediction teachers; anything else is refused here, once."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise UsageError(f"unsupported prediction_type {prediction_type!r}: SPLAM needs an "
+                         "'epsilon' or 'v_prediction' teacher")
+    return prediction_type
+
+
+def eps_from_output(output, x, alpha, sigma, prediction_type: str):
+    """A network's raw output as eps (Eq. 14 form), for 'epsilon' or 'v_prediction' (SD 2.x-768).
+
+    For v = alpha * eps - sigma * x0 (Salimans & Ho) on a VP point: eps = sigma * x + alpha * v."""
+    if check_prediction_type(prediction_type) == "epsilon":
+        return output
+    return sigma * x + alpha * output
+
+
+def cat_conditions(a, b):
+    """Two conditions as one batch (guided_eps): tensors, or dicts of tensors (SDXL's embeddings, pooled
+    embeddings, time ids)."""
+    return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
 
 
 def resolve_teacher(path_or_id: str) -> str:
@@ -554,10 +583,11 @@ def add_lora(student: nn.Module, rank: int, alpha: float = None, seed: int = 0) 
 
 
 def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg: str = "encoder_hidden_states",
-             gamma_kind: str = None, adapters: bool = True):
+             gamma_kind: str = None, adapters: bool = True, amp=None):
     """Wrap a diffusers UNet as minisplam's eps callable eps(x, t, cond, gamma=None); v-prediction is converted
     (Eq. 14 form). With gamma_kind, gamma enters as `timestep_cond` (the student, see add_gamma_path). A dict cond
-    is SDXL's (embeddings, pooled text_embeds, time_ids). adapters=False: a LoRA student's teacher (LoRA off)."""
+    is SDXL's (embeddings, pooled text_embeds, time_ids). adapters=False: a LoRA student's teacher (LoRA off).
+    amp: run the network under torch.autocast in this dtype (mixed precision; the output is fp32)."""
     cast = (lambda v: v) if dtype is None else (lambda v: v.to(dtype) if torch.is_floating_point(v) else v)
 
     def eps(x, t, cond, gamma=None):
@@ -572,7 +602,8 @@ def unet_eps(net, sched: VPSchedule, prediction_type: str, dtype=None, cond_arg:
         if not adapters:
             net.disable_adapters()
         try:
-            out = net(cast(x), t, **kw).sample
+            with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = net(cast(x), t, **kw).sample
         finally:
             if not adapters:
                 net.enable_adapters()
@@ -877,37 +908,26 @@ def _write_atomic(path: Path, data):
 
 def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, batch: dict, uncond1, generator,
             low_dtype=torch.float32, max_grad_norm: float = 10.0) -> torch.Tensor:
-    """One iteration of Alg. 1 on SD or SDXL. `online` is the student, or its DDP wrapper; batch has "pixels",
-    "text" (and SDXL's "time_ids"); uncond1 is the null condition of one sample. A LoRA run passes target=student:
-    the target is then the online student under stop-gradient (no EMA) and the teacher is the same module with its
-    adapters off. Returns the loss (detached, averaged over DDP ranks); a non-finite loss raises
-    FloatingPointError before any update."""
+    """splad_step (Alg. 1) on a batch of SD or SDXL images. `online` is the student, or its DDP wrapper; batch has
+    "pixels", "text" (and SDXL's "time_ids"); uncond1 is the null condition of one sample. A LoRA run passes
+    target=student: the target is then the online student under stop-gradient (no EMA) and the teacher is the same
+    module with its adapters off. Returns the loss, averaged over DDP ranks."""
     from accelerate.utils import reduce
 
-    dev, lora = generator.device, target is student
+    dev, lora, kind = generator.device, target is student, cfg.gamma_features
     with torch.no_grad():
         px = batch["pixels"].to(dev, low_dtype)
         z0 = sd.pipe.vae.encode(px).latent_dist.sample(generator).float() * sd.pipe.vae.config.scaling_factor  # z = E(x)
         cond = encode_prompts(sd, batch["text"], dev, batch.get("time_ids"))
     uncond = ({**{k: uncond1[k].expand_as(cond[k]) for k in ("encoder_hidden_states", "text_embeds")},
                "time_ids": cond["time_ids"]} if sd.xl else uncond1.expand_as(cond))
-    amp = torch.autocast(dev.type, dtype=low_dtype, enabled=low_dtype != torch.float32)
-    with amp:
-        kind = cfg.gamma_features
-        loss = splad_loss(unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind),
-                          unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind),
-                          unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype, adapters=not lora),
-                          z0, cond, uncond, sd.sched, cfg, generator)                   # Eq. 17
-    loss_mean = reduce(loss.detach(), "mean")               # the logged loss; a NaN on any rank stops every rank
-    if not torch.isfinite(loss_mean):
-        raise FloatingPointError(f"loss became {loss_mean.item()}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], max_grad_norm)  # App. A
-    opt.step()
-    if not lora:
-        ema_update(target, student, cfg.ema_mu)                                       # Alg. 1, last line
-    return loss_mean
+    amp = None if low_dtype == torch.float32 else low_dtype
+    loss = splad_step(unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind, amp=amp),
+                      unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind, amp=amp),
+                      unet_eps(sd.unet, sd.sched, sd.prediction_type, dtype=low_dtype, adapters=not lora, amp=amp),
+                      z0, cond, uncond, sd.sched, cfg, opt, None if lora else (target, student), generator,
+                      max_grad_norm)
+    return reduce(loss, "mean")                                # the logged loss
 
 
 def make_student(sd: StableDiffusion, device, gamma_kind: str, gradient_checkpointing: bool = False,
@@ -1010,6 +1030,7 @@ def train(args) -> dict:
 
     # --- models: frozen teacher parts in low precision, trainable student in fp32 ---------
     low = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    amp = None if low == torch.float32 else low                                 # autocast dtype of every UNet call
     sd = load_sd(args.teacher, device, low, args.pretrained_vae)
     student, target = make_student(sd, device, cfg.gamma_features, args.gradient_checkpointing,
                                    args.lora_rank, args.lora_alpha, args.seed)
@@ -1076,7 +1097,7 @@ def train(args) -> dict:
         if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
             last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
         if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
-            save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type), prompts, args.resolution,
+            save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type, amp=amp), prompts, args.resolution,
                                  run / "validation" / f"step-{step:07d}.png")
         proc.wait_for_everyone()
     bar.close()

@@ -10,6 +10,13 @@ from toy import measure
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
+def draws(x0, cfg, seed=0):
+    """t, gamma and noise as splad_step draws them."""
+    g = torch.Generator().manual_seed(seed)
+    B = x0.shape[0]
+    return ms.sample_timesteps(B, cfg, g), ms.sample_gamma(B, cfg, g), torch.randn(x0.shape, generator=g)
+
+
 def toy_eps(x, t, cond=None):
     """A smooth, t-dependent stand-in for a network (any function will do for solver checks)."""
     tt = ms._bc(t.float() / 1000, x)
@@ -280,13 +287,12 @@ def test_splad_loss_is_zero_for_an_exactly_consistent_student(sched, objective, 
 
     x0 = x0_star.expand(64, 2)
     lab = torch.zeros(64)
-    loss = ms.splad_loss(oracle, target, teacher, x0, lab, lab, sched, cfg, torch.Generator().manual_seed(0))
+    loss = ms.splad_loss(oracle, target, teacher, x0, lab, lab, *draws(x0, cfg), sched, cfg)
     assert loss < 1e-8
     # and the Eq. 24 sigma is NOT what an ODE sub-path carries: with it the same oracle is off
     if objective == "splam":
         bad = ms.SPLADConfig(objective="splam-closed", k=k, k_phi=20, w=3.0, loss="l2")
-        loss_bad = ms.splad_loss(oracle, target, teacher, x0, lab, lab, sched, bad,
-                                 torch.Generator().manual_seed(0))
+        loss_bad = ms.splad_loss(oracle, target, teacher, x0, lab, lab, *draws(x0, bad), sched, bad)
         assert loss_bad > 1e3 * max(loss.item(), 1e-12)
 
 
@@ -363,8 +369,8 @@ def test_splad_loss_backprops_into_the_student_only(sched):
     student = lambda x, t, c, g: net(x)
     target = lambda x, t, c, g: tgt(x)
     cfg = ms.SPLADConfig(k=20, w=2.0)
-    loss = ms.splad_loss(student, target, toy_eps, torch.randn(16, 2), torch.zeros(16), torch.zeros(16),
-                         sched, cfg, torch.Generator().manual_seed(0))
+    x0 = torch.randn(16, 2)
+    loss = ms.splad_loss(student, target, toy_eps, x0, torch.zeros(16), torch.zeros(16), *draws(x0, cfg), sched, cfg)
     loss.backward()
     assert net.weight.grad is not None and tgt.weight.grad is None
 

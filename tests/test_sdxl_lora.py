@@ -13,6 +13,7 @@ from toy import tiny_sd
 from toy.tiny_sd import make_tiny_sd
 from test_sd import _error, _png, data, generate  # noqa: F401  (the shared data fixture)
 from test_sd import _train as train_cli
+from test_sd import pipeline_ddim, sd_step_teacher_solve
 
 
 @pytest.fixture(scope="session")
@@ -178,3 +179,18 @@ def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
                                                    ["LCM k=20", "SPLAD k=20", "SPLAD k=100 ME"])
     assert all(r["s_per_step"] > 0 for r in res["train"]) and sorted(res["latency_s"]) == ["1", "2", "4"]
     assert res["lora_rank"] == (4 if "--lora" in argv else 0)
+
+
+def test_sdxl_sd_step_teacher_solve_is_diffusers_guided_ddim(xl, monkeypatch):
+    """As the SD test: sd_step's x_hat_{t-k} (k = 100, multiple estimation, w = 8) equals StableDiffusionXLPipeline
+    with DDIMScheduler from the same latent, where the null condition carries the zero embeddings
+    (force_zeros_for_empty_prompt), the zero pooled embedding and the images' own size/crop time ids."""
+    prompts, w = ["a red square", "a blue circle"], 8.0
+    x_t, x_s, ids = sd_step_teacher_solve(xl, monkeypatch, prompts, 100, True, w, size=(30, 20))
+    assert ids == [20, 30, 0, 4, 16, 16]                                  # original h, w; crop top, left; target
+    micro = dict(original_size=tuple(ids[:2]), crops_coords_top_left=tuple(ids[2:4]), target_size=tuple(ids[4:]))
+    ref = pipeline_ddim(xl, prompts, x_t, 5, 20, w, **micro)
+    unguided = pipeline_ddim(xl, prompts, x_t, 5, 20, 1.0, **micro)
+    err, effect = (x_s - ref).abs().max().item(), (ref - unguided).abs().max().item()
+    print(f"SDXL: max |ours - diffusers| = {err:.1e}, guidance moves the point by {effect:.1e}")
+    assert err < 1e-3 * effect

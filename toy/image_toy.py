@@ -382,7 +382,7 @@ def frechet(f1, f2):
 
 def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, batch, lr, seed, k, device="cpu",
             gamma_features="authors", gamma_one_share=0.5, curve_every=0, curve_fn=None):
-    """LCM or SPLAM with minisplam.splad_loss; the gamma path attached as in the SD student. Returns the EMA
+    """LCM or SPLAM with minisplam.splad_step (Alg. 1); the gamma path attached as in the SD student. Returns the EMA
     target with the gamma path dropped (the model sampling uses), the training seconds and the learning curve:
     curve_fn(eps of the EMA target at gamma = 1) -> dict, every `curve_every` iterations (0: none)."""
     cfg = ms.SPLADConfig(objective=objective, k=k, k_phi=20, w=w, loss="l2", gamma_features=gamma_features,
@@ -408,13 +408,8 @@ def distill(objective, teacher_unet, sched, pred, x, y, n_classes, w, iters, bat
         if it == iters:
             break
         i = torch.randint(0, len(x), (batch,), generator=g, device=device).cpu()
-        loss = ms.splad_loss(student_eps, target_eps, teacher, x[i].to(device),
-                             y[i].to(device) if conditional else None, null, sched, cfg, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)
-        opt.step()
-        ms.ema_update(target, student, cfg.ema_mu)
+        ms.splad_step(student_eps, target_eps, teacher, x[i].to(device), y[i].to(device) if conditional else None,
+                      null, sched, cfg, opt, (target, student), g)
     return ms.drop_gamma_path(target), train_s + time.perf_counter() - t0, curve
 
 

@@ -139,8 +139,11 @@ def heldout_loss(run_or_teacher: str, sd, cfg: ms.SPLADConfig, n: int = 64, batc
         for i in range(0, n, batch):
             z0 = sd.pipe.vae.encode(x[i:i + batch]).latent_dist.sample(g) * sd.pipe.vae.config.scaling_factor
             cond = ms.encode_prompts(sd, caps[i:i + batch], "cpu")
+            B = len(z0)
+            t, gamma = ms.sample_timesteps(B, cfg, g), ms.sample_gamma(B, cfg, g)
             total += ms.splad_loss(eps(student, cfg.gamma_features), eps(target, cfg.gamma_features), eps(sd.unet),
-                                   z0, cond, uncond.expand_as(cond), sd.sched, cfg, g).item() * len(z0)
+                                   z0, cond, uncond.expand_as(cond), t, gamma, torch.randn(z0.shape, generator=g),
+                                   sd.sched, cfg).item() * B
     return total / n
 
 

@@ -174,7 +174,7 @@ def consistency_error(net, gmm, teacher, sched, w, n: int = 1000, seed: int = 0,
 
 
 # ----------------------------------------------------------------------------------------
-# Distillation with minisplam.splad_loss
+# Distillation with minisplam.splad_step (Alg. 1)
 # ----------------------------------------------------------------------------------------
 
 METHODS = {  # name -> SPLADConfig overrides (Fig. 2a and Table 3 on the toy)
@@ -278,14 +278,9 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
         t0 = time.perf_counter()
         labels = torch.randint(0, 2, (batch,), generator=g)
         x0 = gmm.sample(labels, g)
-        loss = ms.splad_loss(wrap(student), wrap(target), teacher, x0, labels, uncond, sched, cfg, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 10.0)   # Appendix A
-        opt.step()
+        ms.splad_step(wrap(student), wrap(target), teacher, x0, labels, uncond, sched, cfg, opt, (target, student), g)
         if lr_sched:
             lr_sched.step()
-        ms.ema_update(target, student, cfg.ema_mu)                   # Alg. 1
         train_s += time.perf_counter() - t0
         if it % eval_every == 0 or it == iters:
             log(it)
