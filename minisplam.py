@@ -503,7 +503,28 @@ def resolve_teacher(path_or_id: str) -> str:
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         raise UsageError(f"teacher {path_or_id!r} not found: give a local diffusers directory (with "
                          f"{', '.join(SD_PARTS)}) or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-    return path_or_id
+    return resolve_hub_id(path_or_id, "teacher")
+
+
+def resolve_hub_id(repo: str, what: str) -> str:
+    """A hub id: its cached snapshot if there is one (then nothing touches the network), else the id itself once
+    the Hub can be reached. An unreachable Hub is refused at once, not after the libraries' 30 s of retries."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except Exception:                                          # not cached (or not a valid id): ask the Hub
+        pass
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UsageError(f"{what} {repo!r} is not in the Hugging Face cache and {host} cannot be reached: download "
+                         "it where there is internet and pass the local folder") from None
+    return repo
 
 
 @dataclass
@@ -700,6 +721,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise UsageError(f"{meta}:{n} is not valid JSON ({e})") from e
+                if not isinstance(rows[-1], dict):
+                    raise UsageError(f'{meta}:{n} is not a JSON object: each line must be like '
+                                     '{"file_name": "0001.jpg", "text": "a photo of a cat"}')
         if not rows:
             raise UsageError(f"{meta} is empty: the dataset needs at least one image-caption pair")
         self.items = [(r["file_name"], r["text"]) for r in rows
@@ -714,7 +738,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         i, crop_seed = key
         name, text = self.items[i]
         px, ids = load_image(self.root / name, self.resolution, crop_seed if self.random_crop else None)
-        return {"pixels": px, "time_ids": ids, "text": text, "name": str(self.root / name)}   # None: corrupt, skipped
+        return {"pixels": px, "time_ids": ids, "text": text, "name": str(self.root / name),
+                "why": "an unreadable image"}                                           # pixels None: skipped
 
 
 def step_batches(n, batch, seed, start_step, rank=0, world=1):
@@ -730,9 +755,10 @@ def step_batches(n, batch, seed, start_step, rank=0, world=1):
 
 
 def collate_skip_corrupt(items):
-    """Drop corrupt images (pixels None) and report which were skipped."""
+    """Drop corrupt images (pixels None) and report which were skipped, and why."""
     good = [it for it in items if it["pixels"] is not None]
-    out = {"skipped": len(items) - len(good), "skipped_files": [it["name"] for it in items if it["pixels"] is None],
+    out = {"skipped": len(items) - len(good),
+           "skipped_files": [f"{it['name']} ({it['why']})" for it in items if it["pixels"] is None],
            "pixels": None, "time_ids": None, "text": [it["text"] for it in good]}
     if good:
         out["pixels"], out["time_ids"] = (torch.stack([it[k] for it in good]) for k in ("pixels", "time_ids"))
@@ -761,6 +787,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start, self.rank, self.world = start, rank, world
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except UsageError as e:                   # in a loader worker: handed to the main process as one line
+            yield {"error": str(e)}
+
+    def _batches(self):
         wds = _webdataset()
         info = torch.utils.data.get_worker_info()
         j = info.id if info else 0
@@ -782,7 +814,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         skip = (self.start + j) // self.W * self.batch              # resume: what this stream already gave
         raw = itertools.islice(enumerate(samples()), skip, None)
-        since_good = 0                                              # samples in a row without a usable pair
+        since_good, why = 0, set()                                  # samples in a row without a usable pair
         while True:
             items = []
             for k, sample in itertools.islice(raw, self.batch):
@@ -790,12 +822,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                 text = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
                 seed = (self.seed * 1_000_003 + stream) * 1_000_000_007 + k if self.random_crop else None
                 px, ids = load_image(io.BytesIO(sample[key]), self.resolution, seed) if key and text else (None, None)
-                items.append({"pixels": px, "time_ids": ids, "text": text,
+                items.append({"pixels": px, "time_ids": ids, "text": text, "why": "an unreadable image" if key and text
+                              else "a caption without its image" if text else "an image without a caption",
                               "name": f"{sample.get('__url__', '')}:{sample.get('__key__', '')}"})
             for item in items:
                 since_good = 0 if item["pixels"] is not None else since_good + 1
+                why = set() if item["pixels"] is not None else why | {item["why"]}
             if epoch_len and since_good > epoch_len:
-                raise UsageError(f"no readable image with a caption in the shards {shards}")
+                unpaired = {"a caption without its image", "an image without a caption"} <= why
+                raise UsageError(f"no readable image with a caption in the shards {shards}: " + (
+                    "they hold images and captions, but webdataset pairs files of the same name only when they are "
+                    "adjacent in the tar (write each image right before its .txt, e.g. tar --sort=name)" if unpaired
+                    else f"every sample was {' or '.join(sorted(why))}"))
             yield collate_skip_corrupt(items)
 
 
@@ -816,7 +854,7 @@ def is_webdataset(spec: str) -> bool:
 # ----------------------------------------------------------------------------------------
 
 # settings that may differ between a run and its resumption
-RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir",
+RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_workers", "resume", "output_dir", "verbose",
                   "validation_prompts", "world_size"}
 
 
@@ -824,8 +862,12 @@ TMP_MARK = ".minisplam-tmp"             # written into every temporary folder th
 
 
 def own_tmpdir(prefix: str, parent: Path) -> Path:
-    """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it."""
+    """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it. It gets
+    the permissions of any new folder (mkdtemp's are 0700), so a shared machine's users can read what it becomes."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     (tmp / TMP_MARK).touch()
     return tmp
 
@@ -897,6 +939,14 @@ def save_validation_grid(sd, model_eps, prompts, resolution, path: Path, seed=0)
     x = torch.stack([generate_images(sd, model_eps, prompts, n, seed, resolution) for n in (1, 2, 4)], 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(path, make_image_grid(numpy_to_pil(x.flatten(0, 1).permute(0, 2, 3, 1).cpu().numpy()), len(prompts), 3))
+
+
+def read_json(path: Path, what: str):
+    """A JSON file this program wrote; anything else (damaged, a user's) is a UsageError saying `what`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what} ({path}: {type(e).__name__})") from None
 
 
 def _write_atomic(path: Path, data):
@@ -972,6 +1022,8 @@ def train(args) -> dict:
         if not (vae / "config.json").is_file():
             raise UsageError(f"--pretrained-vae {vae} is not a diffusers AutoencoderKL folder (no config.json)")
         args.pretrained_vae = str(vae.resolve())
+    elif args.pretrained_vae:
+        args.pretrained_vae = resolve_hub_id(args.pretrained_vae, "--pretrained-vae")
     if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):
         args.data = str(Path(args.data).expanduser().resolve())             # a run does not depend on the cwd
     opt_cls = torch.optim.AdamW
@@ -991,11 +1043,12 @@ def train(args) -> dict:
     ckpt, changed = None, {}
     if run.is_file():
         raise UsageError(f"--output-dir {run} is a file: choose a folder for the run")
+    check_output(run, "--output-dir", overwrite=True, protect=local_paths(settings))    # not in the teacher or data
     if args.resume:
         saved = run / "config.json"
         if not saved.is_file():
             raise UsageError(f"--resume: {run} is not a training run (no config.json)")
-        old = json.loads(saved.read_text())
+        old = read_json(saved, f"--resume: {run} is not a readable training run")
         diff = sorted(k for k in set(old) | set(settings) if k not in RESUMABLE_KEYS and old.get(k) != settings.get(k))
         if diff:
             raise UsageError(f"--resume: {run} was trained with different settings: " +
@@ -1009,13 +1062,21 @@ def train(args) -> dict:
             print(f"warning: resuming with {', '.join(moved)}: the run goes on, but its batches differ from an "
                   "uninterrupted run's", file=sys.stderr)
         ckpt = latest_checkpoint(run)                  # None: killed before its first checkpoint, starts at step 0
+        done = read_json(ckpt / "state.json", f"--resume: {ckpt} is not a readable checkpoint") if ckpt else {}
+        if done.get("step", 0) > args.max_steps:
+            raise UsageError(f"--max-steps {args.max_steps} is below the run's completed step {done['step']}: nothing "
+                             "would run. Pass a larger --max-steps to train on")
+        if done.get("step", 0) == args.max_steps:
+            print(f"the run is already at step {args.max_steps} (--max-steps): nothing to train", file=sys.stderr)
+            return {"rank": rank, "step": done["step"], "losses": done["losses"], "skipped": done["skipped"],
+                    "checkpoint": str(ckpt)}
     elif (run / "config.json").exists():
         raise UsageError(f"{run} already holds a run: pass --resume to continue it, or choose a new --output-dir")
     elif run.is_dir() and any(run.iterdir()):
         raise UsageError(f"--output-dir {run} is not empty and is not a minisplam run: choose a new or empty folder")
 
     # --- data ----------------------------------------------------------------------------
-    start = json.loads((ckpt / "state.json").read_text())["data_pos"] if ckpt else 0   # batches consumed so far
+    start = done["data_pos"] if ckpt else 0                                         # batches consumed so far
     if shards:
         loader = torch.utils.data.DataLoader(
             ShardStream(args.data, args.resolution, args.batch_size, args.seed, args.random_crop, start, rank, world,
@@ -1045,7 +1106,7 @@ def train(args) -> dict:
             group["lr"] = args.lr
         state = json.loads((ckpt / "state.json").read_text())
         step, losses, data_pos, skipped = state["step"], state["losses"], state["data_pos"], state["skipped"]
-    log = run / "metrics.jsonl"
+    log, new_folder = run / "metrics.jsonl", not run.exists()
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         remove_own_tmpdirs(run, ".tmp-checkpoint-*")                        # left by a kill mid-checkpoint
@@ -1064,46 +1125,57 @@ def train(args) -> dict:
     last, empty_streak, t_start = None, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
     it = iter(loader)
-    while step < args.max_steps:
-        batch = next(it)
-        data_pos += 1
-        counts = torch.tensor([batch["skipped"], batch["pixels"] is None], dtype=torch.float32, device=device)
-        n_skipped, n_empty = reduce(counts, "sum").round().long().tolist()               # summed over ranks
-        skipped += n_skipped
-        for name in batch["skipped_files"]:
-            print(f"skipped an unreadable image: {name}", file=sys.stderr)
-        if n_empty:                            # every image of a batch was corrupt: all ranks skip it together
-            empty_streak += 1
-            if empty_streak * args.batch_size * world > 2 * n_images:          # two epochs' worth, nothing readable
-                raise UsageError(f"none of the images in {args.data} can be read ({skipped} tries): check the files")
-            continue
-        empty_streak = 0
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
-        try:
-            loss = sd_step(sd, online, student, target, opt, cfg, batch, uncond1, g, low, args.max_grad_norm)
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"{e} at step {step}; stopping. The last good checkpoint is "
-                f"{latest_checkpoint(run) or 'none (no checkpoint yet)'}. Try a lower --lr or --mixed-precision bf16/no.")
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=skipped)
-        if rank == 0:
-            row = {"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "skipped": skipped,
-                   "time": round(time.time() - t_start, 3), "skipped_files": batch["skipped_files"] or None}
-            with log.open("a") as f:
-                f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
-        if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
-            last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
-        if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
-            save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type, amp=amp), prompts, args.resolution,
-                                 run / "validation" / f"step-{step:07d}.png")
-        proc.wait_for_everyone()
+    try:
+        while step < args.max_steps:
+            batch = next(it)
+            if "error" in batch:                                                 # a loader worker's UsageError
+                raise UsageError(batch["error"])
+            data_pos += 1
+            counts = torch.tensor([batch["skipped"], batch["pixels"] is None], dtype=torch.float32, device=device)
+            n_skipped, n_empty = reduce(counts, "sum").round().long().tolist()               # summed over ranks
+            skipped += n_skipped
+            for name in batch["skipped_files"] if args.verbose else ():        # all of them are in metrics.jsonl
+                print(f"skipped {name}", file=sys.stderr)
+            if n_empty:                            # every image of a batch was corrupt: all ranks skip it together
+                empty_streak += 1
+                if empty_streak * args.batch_size * world > 2 * n_images:          # two epochs' worth, nothing readable
+                    raise UsageError(f"none of the images in {args.data} can be read ({skipped} tries): check the files")
+                continue
+            empty_streak = 0
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * world + rank)
+            try:
+                loss = sd_step(sd, online, student, target, opt, cfg, batch, uncond1, g, low, args.max_grad_norm)
+            except FloatingPointError as e:
+                raise FloatingPointError(
+                    f"{e} at step {step}; stopping. The last good checkpoint is "
+                    f"{latest_checkpoint(run) or 'none (no checkpoint yet)'}. Try a lower --lr or --mixed-precision bf16/no.")
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", skipped=skipped)
+            if rank == 0:
+                row = {"step": step, "loss": losses[-1], "lr": opt.param_groups[0]["lr"], "skipped": skipped,
+                       "time": round(time.time() - t_start, 3), "skipped_files": batch["skipped_files"] or None}
+                with log.open("a") as f:
+                    f.write(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+            if rank == 0 and (step % args.checkpoint_every == 0 or step == args.max_steps):
+                last = save_checkpoint(run, step, student, target, opt, {"losses": losses, "skipped": skipped, "data_pos": data_pos})
+            if rank == 0 and args.validate_every and (step % args.validate_every == 0 or step == args.max_steps):
+                save_validation_grid(sd, unet_eps(target, sd.sched, sd.prediction_type, amp=amp), prompts, args.resolution,
+                                     run / "validation" / f"step-{step:07d}.png")
+            proc.wait_for_everyone()
+    except BaseException:
+        if rank == 0 and not args.resume and step == 0:       # nothing trained: leave the folder as it was found, so
+            for f in (run / "config.json", log):               # that the same command can simply be run again
+                f.unlink(missing_ok=True)
+            if new_folder and not any(run.iterdir()):
+                run.rmdir()
+        raise
     bar.close()
     if skipped and rank == 0:
-        print(f"skipped {skipped} corrupt or unreadable images (named in {log})", file=sys.stderr)
+        print(f"skipped {skipped} images that were unreadable or had no caption (named in {log})", file=sys.stderr)
     proc.destroy_process_group()
+    last = last or latest_checkpoint(run)
     return {"rank": rank, "step": step, "losses": losses, "skipped": skipped, "checkpoint": str(last) if last else None}
 
 
@@ -1175,22 +1247,28 @@ def generate_images(sd: StableDiffusion, eps, prompts, steps: int, seed: int, re
     return decode_latents(sd, sample(eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g))
 
 
-def check_output(out: Path, flag: str, overwrite=False, protect=()) -> Path:
-    """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite`; even
-    then never a folder in `protect` (the current folder, the run being read) or one that contains them."""
+def check_output(out: Path, flag: str, overwrite=False, protect=None) -> Path:
+    """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite` (None: the
+    command has no --overwrite). Never the current folder or a folder containing it, and never a folder that is,
+    lies inside or contains one of `protect` ({what: path}: the run being read, its teacher, its data)."""
     out = Path(out).expanduser().resolve()
+    for what, p in {"the current folder": Path.cwd(), **(protect or {})}.items():
+        p = Path(p).expanduser().resolve()
+        if out == p or out in p.parents or (what != "the current folder" and p in out.parents):
+            rel = "is" if out == p else "contains" if out in p.parents else "is inside"
+            raise UsageError(f"{flag} {out} {rel} {what} ({p}): choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is an existing file: choose a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:                               # None: the command has no --overwrite
-            raise UsageError(f"{flag} {out} is not empty: choose a new folder" +
-                             (", or pass --overwrite to replace it" if overwrite is False else ""))
-        for p in (Path.cwd(), *protect):
-            p = Path(p).resolve()
-            if out == p or out in p.parents:
-                raise UsageError(f"{flag} {out} holds {p}: --overwrite never replaces the current folder, the run "
-                                 "it reads, or a folder containing either")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{flag} {out} is not empty: choose a new folder" +
+                         (", or pass --overwrite to replace it" if overwrite is False else ""))
     return out
+
+
+def local_paths(config: dict) -> dict:
+    """The folders a run reads (its teacher, data, VAE) that exist on this machine: what no output may touch."""
+    keys = {"teacher": "its teacher", "data": "its data", "pretrained_vae": "its VAE"}
+    return {what: config[k] for k, what in keys.items() if config.get(k) and Path(config[k]).expanduser().exists()}
 
 
 def export(run_dir: str, out_dir: str, overwrite: bool = False):
@@ -1202,7 +1280,7 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
 
     run = Path(run_dir)
     config = run_checkpoint(run)[0]                                        # a run at all? before touching --out
-    out = check_output(Path(out_dir), "--out", overwrite, protect=[run])
+    out = check_output(Path(out_dir), "--out", overwrite, {"the run": run, **local_paths(config)})
     remove_own_tmpdirs(out.parent, f".tmp-export-{out.name}-*")                  # left by a killed export
     sd = load_run(run)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1215,8 +1293,12 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False):
                                         unet_lora_adapter_metadata=sd.unet.peft_config["default"].to_dict())
     else:
         sd.pipe.unet = sd.unet
-        sd.pipe.scheduler = LCMScheduler.from_config(sd.pipe.scheduler.config, timestep_scaling=10.0,
-                                                     original_inference_steps=50, clip_sample=False)
+        import inspect
+
+        known = inspect.signature(LCMScheduler.__init__).parameters      # not DDPM's variance_type, say: no warning
+        sd.pipe.scheduler = LCMScheduler.from_config({k: v for k, v in sd.pipe.scheduler.config.items() if k in known},
+                                                     timestep_scaling=10.0, original_inference_steps=50,
+                                                     clip_sample=False)
         sd.pipe.save_pretrained(tmp)
     old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)     # swap in; an existing --out (empty, or the
     if out.exists():                                                 # user's --overwrite, vetted by check_output)
@@ -1235,29 +1317,35 @@ def sample_to_folder(args):
 
     prompts = list(args.prompt)
     if args.prompts_file:
-        f = Path(args.prompts_file)
-        if not f.is_file():
-            raise UsageError(f"prompts file {f} does not exist")
-        prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+        f = Path(args.prompts_file).expanduser()
+        try:
+            prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompts-file {f} cannot be read as a text file ({type(e).__name__}): give a file "
+                             "with one prompt per line") from None
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     model = Path(args.model).expanduser().resolve()
-    check_resolution(model_source(model, args.base_model)[1], args.resolution)
-    out = Path(args.out).expanduser().resolve()
+    kind, src = model_source(model, args.base_model)
+    check_resolution(src, args.resolution)
+    reads = {"the model": model, **local_paths({"teacher": src})}
+    if kind == "run":
+        reads.update(local_paths(run_checkpoint(model)[0]))
+    out = check_output(Path(args.out), "--out", overwrite=True, protect=reads)    # emptiness: checked below
     settings = {"model": str(model), "base_model": args.base_model, "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
                 "batch_size": args.batch_size}
     done = {}
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file: choose a folder")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "sample.json").is_file():
-            raise UsageError(f"--out {out} is not empty and was not written by `sample`: choose a new folder")
-        old = json.loads((out / "sample.json").read_text())
+        try:
+            old = json.loads((out / "sample.json").read_text())
+            manifest = out / "manifest.jsonl"
+            for line in manifest.read_text().splitlines() if manifest.is_file() else []:
+                row = json.loads(line)
+                done[row["index"]] = row
+        except (OSError, ValueError, TypeError, KeyError):
+            raise UsageError(f"--out {out} is not empty and was not written by `sample`: choose a new folder") from None
         if old != settings:
             raise UsageError(f"--out {out} holds images from other settings ({old}): choose a new folder")
-        for line in (out / "manifest.jsonl").read_text().splitlines() if (out / "manifest.jsonl").is_file() else []:
-            row = json.loads(line)
-            done[row["index"]] = row
         clash = [i for i, row in done.items() if i >= len(prompts) or row["prompt"] != prompts[i]]
         if clash:
             raise UsageError(f"--out {out} holds images of other prompts (index {clash[0]}): choose a new folder")
@@ -1279,11 +1367,10 @@ def sample_to_folder(args):
                          "file": f"{j:05d}.png"})
         with (out / "manifest.jsonl").open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r["index"] not in done)
-    if len(prompts) <= 64:                                   # an overview, rows of 8, blanks after the last image
-        ims = [Image.open(out / f"{j:05d}.png") for j in range(len(prompts))]
-        ncol, nrow = min(len(ims), 8), -(-len(ims) // 8)
-        blank = Image.new("RGB", ims[0].size, "white")
-        _write_atomic(out / "grid.png", make_image_grid(ims + [blank] * (ncol * nrow - len(ims)), nrow, ncol))
+    ims = [Image.open(out / f"{j:05d}.png") for j in range(min(len(prompts), 64))]   # an overview of the first 64:
+    ncol, nrow = min(len(ims), 8), -(-len(ims) // 8)                                # rows of 8, blanks at the end
+    blank = Image.new("RGB", ims[0].size, "white")
+    _write_atomic(out / "grid.png", make_image_grid(ims + [blank] * (ncol * nrow - len(ims)), nrow, ncol))
     return out
 
 
@@ -1292,24 +1379,40 @@ def sample_to_folder(args):
 # ----------------------------------------------------------------------------------------
 
 
-def number_arg(kind, lo, strict=False):
-    """argparse type: a number >= lo (> lo if strict), refused with one line otherwise."""
+def number_arg(kind, lo, hi=None, strict=False):
+    """argparse type: a finite number in [lo, hi] (lo excluded if strict), refused with one line otherwise. An
+    integer's default bound, 2^31 - 1, keeps seeds and step counts far from int64 overflow."""
     import argparse
+
+    hi = (2**31 - 1 if kind is int else math.inf) if hi is None else hi
 
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if v < lo or (strict and v == lo) or v != v:
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text}")
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if v < lo or (strict and v == lo) or v > hi:
+            limit = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi:g}" if math.isfinite(hi) else "")
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
         return v
 
     return parse
 
 
+def path_arg(text):
+    """argparse type of a path or hub id: anything but the empty string (which would mean the current folder)."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def cli_parser(**kw):
-    """argparse whose errors are one line, exit code 2, no usage dump (also for benchmarks/evaluate.py)."""
+    """argparse whose errors are one line, exit code 2, no usage dump, and whose help shows only real defaults
+    (also for toy/tiny_sd.py and benchmarks/evaluate.py)."""
     import argparse
 
     class Parser(argparse.ArgumentParser):
@@ -1317,28 +1420,37 @@ def cli_parser(**kw):
             print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
             raise SystemExit(2)
 
-    return Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+    class Help(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+
+    return Parser(formatter_class=Help, **kw)
 
 
 def build_parser():
     pos_int, nonneg_int, pos_float = number_arg(int, 1), number_arg(int, 0), number_arg(float, 0, strict=True)
     p = cli_parser(prog="minisplam.py", description="SPLAM distillation for Stable Diffusion.")
     fmt = dict(formatter_class=p.formatter_class)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=type(p))
+    sub = p.add_subparsers(dest="cmd", parser_class=type(p), metavar="{train,sample,export}")
+    verbose = dict(action="store_true", help="also show the libraries' warnings and progress bars")
 
     t = sub.add_parser("train", help="distil a teacher with SPLAD (Alg. 1)", **fmt)
     g = t.add_argument_group("data")
-    g.add_argument("--data", required=True, help="imagefolder dir with metadata.jsonl, or webdataset shards "
-                                                 "('data/{00000..00099}.tar')")
-    g.add_argument("--resolution", type=pos_int, default=512, help="training image size (a multiple of the VAE factor)")
+    g.add_argument("--data", type=path_arg, required=True, help="imagefolder dir with metadata.jsonl, or webdataset "
+                                                                 "shards ('data/{00000..00099}.tar')")
+    g.add_argument("--resolution", type=number_arg(int, 1, 16384), default=512,
+                   help="training image size (a multiple of the VAE factor)")
     g.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
-    g.add_argument("--num-workers", type=nonneg_int, default=4, help="data loader processes")
+    g.add_argument("--num-workers", type=number_arg(int, 0, 256), default=min(4, os.cpu_count() or 1),
+                   help="data loader processes (default: up to 4, at most the number of CPU cores)")
     g = t.add_argument_group("model")
-    g.add_argument("--teacher", required=True, help="hub id or local diffusers SD directory")
-    g.add_argument("--pretrained-vae", default=None, help="another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)")
-    g.add_argument("--lora-rank", type=nonneg_int, default=0, help="train a LoRA of this rank (LCM-LoRA: 64; its target is the online student, no EMA); "
-                                                       "0: the full UNet")
-    g.add_argument("--lora-alpha", type=pos_float, default=None, help="LoRA alpha; default: the rank (scale 1)")
+    g.add_argument("--teacher", type=path_arg, required=True, help="hub id or local diffusers SD directory")
+    g.add_argument("--pretrained-vae", type=path_arg, help="another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)")
+    g.add_argument("--lora-rank", type=number_arg(int, 0, 4096), default=0,
+                   help="train a LoRA of this rank (LCM-LoRA: 64; its target is the online student, no EMA); 0: the "
+                        "full UNet")
+    g.add_argument("--lora-alpha", type=number_arg(float, 0, 1e4, strict=True),
+                   help="LoRA alpha; default: the rank (scale 1)")
     g.add_argument("--gamma-features", default="authors", choices=sorted(GAMMA_FEATURES),
                    help="Fourier features of gamma fed as the UNet's timestep_cond (toy/study.py compares them)")
     g = t.add_argument_group("SPLAD (Alg. 1)")
@@ -1346,52 +1458,81 @@ def build_parser():
     g.add_argument("--k", type=pos_int, default=100, help="skipping step k (100 with multiple estimation, or 20)")
     g.add_argument("--k-phi", type=pos_int, default=20, help="DDIM solver step k_phi")
     g.add_argument("--no-multiple-estimation", action="store_true", help="one teacher DDIM step of size k (Eq. 18 off)")
-    g.add_argument("--w", type=float, default=8.0, help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
-    g.add_argument("--gamma-one-share", type=float, default=0.5,
-                   help="share of gamma draws at exactly 1; the paper's U[0, 1] is 0 (README: why 0.5)")
+    g.add_argument("--w", type=number_arg(float, 1, 100), default=8.0,
+                   help="guidance scale (paper: 3 or 8; LCM omega = w - 1)")
+    g.add_argument("--gamma-one-share", type=number_arg(float, 0, 1), default=0.5,
+                   help="share of gamma draws at exactly 1; the paper's U[0, 1] is 0 (toy/results/README.md: why 0.5)")
     g.add_argument("--loss", default="huber", choices=["huber", "l2"], help="distance of Eq. 17")
-    g.add_argument("--huber-c", type=pos_float, default=0.001, help="pseudo-Huber c")
-    g.add_argument("--ema-mu", type=float, default=0.95, help="EMA rate of the target theta^-")
+    g.add_argument("--huber-c", type=number_arg(float, 0, 10, strict=True), default=0.001, help="pseudo-Huber c")
+    g.add_argument("--ema-mu", type=number_arg(float, 0, 0.999999), default=0.95, help="EMA rate of the target theta^-")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--lr", type=pos_float, default=8e-6, help="AdamW learning rate (may change on --resume)")
-    g.add_argument("--weight-decay", type=number_arg(float, 0), default=0.0, help="AdamW weight decay")
+    g.add_argument("--lr", type=number_arg(float, 0, 1, strict=True), default=8e-6,
+                   help="AdamW learning rate (may change on --resume)")
+    g.add_argument("--weight-decay", type=number_arg(float, 0, 1), default=0.0, help="AdamW weight decay")
     g.add_argument("--max-grad-norm", type=pos_float, default=10.0, help="gradient clipping (Appendix A)")
-    g.add_argument("--batch-size", type=pos_int, default=8, help="images per step and process")
+    g.add_argument("--batch-size", type=number_arg(int, 1, 65536), default=8, help="images per step and process")
     g.add_argument("--max-steps", type=pos_int, default=6000, help="stop after this many steps (may change on --resume)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="data order, noise and crops")
     g = t.add_argument_group("checkpoints and logs")
-    g.add_argument("--output-dir", required=True, help="the run folder (new or empty; or a run with --resume)")
+    g.add_argument("--output-dir", type=path_arg, required=True,
+                   help="the run folder (new or empty; or a run with --resume)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
     g.add_argument("--checkpoint-every", type=pos_int, default=500, help="steps between checkpoints")
     g.add_argument("--validate-every", type=nonneg_int, default=500, help="steps between validation grids; 0: none")
-    g.add_argument("--validation-prompts", nargs="*", default=None, help="prompts of the validation grid")
+    g.add_argument("--validation-prompts", nargs="*", help="prompts of the validation grid (default: a cat, a "
+                                                            "lighthouse)")
     g = t.add_argument_group("hardware")
     g.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no",
                    choices=["no", "fp16", "bf16"], help="precision of the frozen teacher, VAE, text encoder and autocast")
     g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--use-8bit-adam", action="store_true", help="bitsandbytes' AdamW8bit")
+    g.add_argument("--verbose", **verbose)
 
     s = sub.add_parser("sample", help="few-step images from a run, an exported pipeline or a LoRA", **fmt)
-    s.add_argument("--model", required=True, help="a training run or an exported pipeline folder")
-    s.add_argument("--base-model", default=None, help="with a LoRA folder: its teacher (hub id or folder)")
+    s.add_argument("--model", type=path_arg, required=True, help="a training run, an exported pipeline or LoRA folder")
+    s.add_argument("--base-model", type=path_arg, help="with a LoRA folder: its teacher (hub id or folder)")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    s.add_argument("--prompts-file", help="one prompt per line (e.g. 30k COCO captions)")
+    s.add_argument("--prompts-file", type=path_arg, help="one prompt per line (e.g. 30k COCO captions)")
     s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8], help="sampling steps (Eq. 19 + multistep)")
     s.add_argument("--seed", type=nonneg_int, default=0, help="batch i uses seed + i")
-    s.add_argument("--resolution", type=pos_int, default=None, help="image size; default: the model's")
-    s.add_argument("--batch-size", type=pos_int, default=8, help="prompts per batch")
-    s.add_argument("--out", default="samples", help="folder for the images, manifest.jsonl and sample.json")
+    s.add_argument("--resolution", type=number_arg(int, 1, 16384), help="image size; default: the model's")
+    s.add_argument("--batch-size", type=number_arg(int, 1, 65536), default=8, help="prompts per batch")
+    s.add_argument("--out", type=path_arg, default="samples", help="folder for the images, manifest.jsonl and sample.json")
+    s.add_argument("--verbose", **verbose)
 
     e = sub.add_parser("export", help="a diffusers pipeline (LCMScheduler), or a LoRA run's LoRA weights", **fmt)
-    e.add_argument("--run", required=True, help="the training run")
-    e.add_argument("--out", required=True, help="a new or empty folder")
-    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (never the run or the cwd)")
-
+    e.add_argument("--run", type=path_arg, required=True, help="the training run")
+    e.add_argument("--out", type=path_arg, required=True, help="a new or empty folder")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never the run, its teacher or data, or the current folder)")
+    e.add_argument("--verbose", **verbose)
     return p
 
 
+def quiet_libraries(verbose: bool = False):
+    """Our progress bar and messages are a normal run's only output: the libraries' warnings and their loading and
+    saving bars are off unless --verbose."""
+    if verbose:
+        return
+    import warnings
+
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    warnings.filterwarnings("ignore")
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.cmd is None:
+        p.error("choose a command: train, sample or export")
+    quiet_libraries(args.verbose)
     try:
         if args.cmd == "train":
             res = train(args)
@@ -1399,13 +1540,16 @@ def main(argv=None):
                 print(f"trained to step {res['step']}; last checkpoint {res['checkpoint']}")
             return res
         if args.cmd == "sample":
-            print(f"wrote images, manifest.jsonl and grid to {(out := sample_to_folder(args))}")
+            out = sample_to_folder(args)
+            n = sum(1 for _ in (out / "manifest.jsonl").open())
+            print(f"wrote {n} images, manifest.jsonl and grid.png ({'the first 64' if n > 64 else 'all'}) to {out}")
             return out
         print(f"exported to {export(args.run, args.out, args.overwrite)}")
         return args.out
     except (UsageError, FloatingPointError) as e:                 # a bad input: 2; a diverged run: 1
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UsageError) else 1)
+
 
 if __name__ == "__main__":
     main()

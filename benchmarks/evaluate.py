@@ -31,10 +31,22 @@ def image_files(folder: Path, what: str):
     return files
 
 
+def read_image(f: Path, size: int):
+    try:
+        with Image.open(f) as im:
+            return np.array(im.convert("RGB").resize((size, size), Image.BICUBIC))
+    except (OSError, ValueError) as e:
+        raise ms.UsageError(f"cannot read the image {f} ({type(e).__name__}): remove it or replace it") from None
+
+
 def fid_extractor(args):
     """torch-fidelity's Inception from a local file, or any TorchScript (N, 3, H, W) uint8 -> (N, D) module."""
     if args.fid_features != "inception":
-        return torch.jit.load(args.fid_features)
+        try:
+            return torch.jit.load(args.fid_features)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ms.UsageError(f"--fid-features {args.fid_features} is not a TorchScript file ({type(e).__name__}): "
+                                "give 'inception' or a file saved with torch.jit.save") from None
     weights = Path(args.inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not weights.is_file():
         raise ms.UsageError(f"FID needs the Inception weights {INCEPTION_FILE} at {weights}: download them where "
@@ -44,12 +56,18 @@ def fid_extractor(args):
     except ImportError as e:
         raise ms.UsageError(f"FID with Inception needs torchmetrics and torch-fidelity ({e}): "
                             "pip install -e '.[eval]'") from e
-    return NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
+    try:
+        return NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))
+    except Exception as e:                                      # a file that is not these weights
+        raise ms.UsageError(f"{weights} does not hold torch-fidelity's Inception weights ({type(e).__name__})") from None
 
 
-def check_clip(name: str):
-    """A local folder or a cached hub id (torchmetrics' CLIPScore is not used: with transformers 5 its image features
-    fail, 'BaseModelOutputWithPooling' object has no attribute 'norm')."""
+def load_clip(name: str):
+    """CLIP model and processor from a local folder or a cached hub id, loaded before any work (torchmetrics'
+    CLIPScore is not used: with transformers 5 its image features fail, 'BaseModelOutputWithPooling' object has no
+    attribute 'norm')."""
+    from transformers import CLIPModel, CLIPProcessor
+
     if not Path(name).expanduser().is_dir():
         from huggingface_hub import try_to_load_from_cache
 
@@ -57,6 +75,11 @@ def check_clip(name: str):
             raise ms.UsageError(f"CLIP model {name!r} is neither a local folder nor in the Hugging Face cache: "
                                 "download it where there is internet (e.g. `huggingface-cli download "
                                 "openai/clip-vit-large-patch14`) or pass a local folder")
+    try:
+        return CLIPModel.from_pretrained(name).eval(), CLIPProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as e:
+        raise ms.UsageError(f"--clip-model {name} is not a CLIP model with its processor ({type(e).__name__}): "
+                            "give a folder saved by CLIPModel and CLIPProcessor.save_pretrained") from None
 
 
 def evaluate(args) -> dict:
@@ -70,14 +93,16 @@ def evaluate(args) -> dict:
         man = images / "manifest.jsonl"
         if not man.is_file():
             raise ms.UsageError(f"the CLIP score needs {man}: make the images with `minisplam.py sample`")
-        prompt = {r["file"]: r["prompt"] for r in map(json.loads, man.read_text().splitlines()) if r}
-        check_clip(args.clip_model)
+        try:
+            prompt = {r["file"]: r["prompt"] for r in map(json.loads, man.read_text().splitlines()) if r}
+        except (ValueError, TypeError, KeyError):
+            raise ms.UsageError(f"{man} is not a manifest written by `minisplam.py sample`") from None
+        model, proc = load_clip(args.clip_model)
     extractor = fid_extractor(args) if reals else None
 
     def batches(files, desc):                                    # uint8 (B, 3, size, size), as the metrics take
         for i in tqdm(range(0, len(files), args.batch_size), desc=desc, unit="batch"):
-            arr = [np.array(Image.open(f).convert("RGB").resize((args.size, args.size), Image.BICUBIC))
-                   for f in files[i:i + args.batch_size]]
+            arr = [read_image(f, args.size) for f in files[i:i + args.batch_size]]
             yield files[i:i + args.batch_size], torch.from_numpy(np.stack(arr)).permute(0, 3, 1, 2)
 
     result = {"images": str(images.resolve()), "n_images": len(fakes)}
@@ -90,9 +115,6 @@ def evaluate(args) -> dict:
                 fid.update(x, real=real)
         result.update(fid=fid.compute().item(), reference=str(Path(args.reference).resolve()), n_reference=len(reals))
     if prompt:
-        from transformers import CLIPModel, CLIPProcessor
-
-        model, proc = CLIPModel.from_pretrained(args.clip_model).eval(), CLIPProcessor.from_pretrained(args.clip_model)
         scored, scores = [f for f in fakes if f.name in prompt], []
         for files, x in batches(scored, "CLIP score"):
             with torch.no_grad():                      # CLIP score = 100 max(cos(image, text), 0) (Hessel et al.)
@@ -106,17 +128,20 @@ def evaluate(args) -> dict:
 
 def main(argv=None):
     p = ms.cli_parser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    p.add_argument("--images", required=True, help="folder written by `sample` (images + manifest.jsonl)")
-    p.add_argument("--reference", help="folder of reference images for FID (e.g. COCO val at 512 px)")
-    p.add_argument("--fid-features", default="inception",
+    p.add_argument("--images", type=ms.path_arg, required=True, help="folder written by `sample` (images + manifest.jsonl)")
+    p.add_argument("--reference", type=ms.path_arg, help="folder of reference images for FID (e.g. COCO val at 512 px)")
+    p.add_argument("--fid-features", type=ms.path_arg, default="inception",
                    help="'inception' (torch-fidelity's FID Inception) or a TorchScript file (N,3,H,W) uint8 -> (N,D)")
-    p.add_argument("--inception-weights", default=None, help=f"local {INCEPTION_FILE}; default: the torch hub cache")
-    p.add_argument("--clip-model", default=None, help="local folder or cached hub id of a CLIP model, e.g. "
+    p.add_argument("--inception-weights", type=ms.path_arg, help=f"local {INCEPTION_FILE}; default: the torch hub cache")
+    p.add_argument("--clip-model", type=ms.path_arg, help="local folder or cached hub id of a CLIP model, e.g. "
                                                       "openai/clip-vit-large-patch14 (the paper: OpenCLIP ViT-g/14)")
-    p.add_argument("--size", type=ms.number_arg(int, 1), default=299, help="images are resized to size x size")
-    p.add_argument("--batch-size", type=ms.number_arg(int, 1), default=50, help="images per batch")
+    p.add_argument("--size", type=ms.number_arg(int, 1, 4096), default=299, help="images are resized to size x size")
+    p.add_argument("--batch-size", type=ms.number_arg(int, 1, 65536), default=50, help="images per batch")
+    p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings")
+    args = p.parse_args(argv)
+    ms.quiet_libraries(args.verbose)
     try:
-        res = evaluate(p.parse_args(argv))
+        res = evaluate(args)
     except ms.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -242,6 +242,77 @@ def test_ema_mu_zero_copies_and_mu_mixes():
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 
+def test_splad_loss_noises_x0_as_diffusers_add_noise(sched):
+    """The x_t that the teacher solve starts from is DDPMScheduler.add_noise(x0, noise, t): alpha(t) x0 + sigma(t) eps
+    with the drawn t and noise (Alg. 1, "sample z_t ~ N(alpha(t) z, sigma(t)^2 I)")."""
+    seen = []
+
+    def teacher(x, t, c):
+        seen.append((x.clone(), t.clone()))
+        return toy_eps(x, t)
+
+    cfg = ms.SPLADConfig(k=100, w=1.0)
+    x0 = torch.randn(16, 2)
+    t, gamma, noise = draws(x0, cfg)
+    ms.splad_loss(lambda x, tt, c, g: toy_eps(x, tt), lambda x, tt, c, g: toy_eps(x, tt), teacher, x0, None, None,
+                  t, gamma, noise, sched, cfg)
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x_t, t_seen = seen[0]
+    assert torch.equal(t_seen, t) and torch.allclose(x_t, ddpm.add_noise(x0, noise, t), atol=1e-6)
+
+
+def test_splad_step_is_two_iterations_of_alg1_written_out(sched):
+    """splad_step against Alg. 1 written out by hand: the draws, Eq. 17, the gradient clipped to L2 norm
+    max_grad_norm (set small so clipping acts), one AdamW step, then theta^- <- mu theta^- + (1 - mu) theta.
+    Two iterations, so a gradient left over from the first (no zero_grad) would show."""
+    import copy
+
+    from toy import toy2d
+
+    cfg = ms.SPLADConfig(k=20, w=3.0, loss="l2", ema_mu=0.9)
+    torch.manual_seed(0)
+    student = toy2d.MLP(16)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight)     # a gamma path that acts
+    target = copy.deepcopy(student).requires_grad_(False)
+    ref_s, ref_t = copy.deepcopy(student), copy.deepcopy(target)
+    opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (student, ref_s))
+    x0, lab = torch.randn(32, 2), torch.arange(32) % 2
+    null = torch.full_like(lab, toy2d.NULL)
+    for it in range(2):
+        loss = ms.splad_step(student, target, toy_eps, x0, lab, null, sched, cfg, opt, (target, student),
+                             torch.Generator().manual_seed(it), max_grad_norm=0.05)
+        t, gamma, noise = draws(x0, cfg, seed=it)
+        ref_loss = ms.splad_loss(ref_s, ref_t, toy_eps, x0, lab, null, t, gamma, noise, sched, cfg)
+        grads = torch.autograd.grad(ref_loss, list(ref_s.parameters()))
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        for p, g in zip(ref_s.parameters(), grads):
+            p.grad = g * min(1.0, 0.05 / (norm.item() + 1e-6))           # clip (Appendix A)
+        ref_opt.step()
+        with torch.no_grad():
+            for p_t, p in zip(ref_t.parameters(), ref_s.parameters()):
+                p_t.copy_(0.9 * p_t + 0.1 * p)                           # EMA, Alg. 1 last line
+        assert norm > 0.05 and torch.allclose(loss, ref_loss)
+        for a, b in zip([*student.parameters(), *target.parameters()], [*ref_s.parameters(), *ref_t.parameters()]):
+            assert torch.allclose(a, b, atol=1e-6), it
+
+
+def test_splad_step_refuses_a_non_finite_loss_before_any_update(sched):
+    import copy
+
+    from toy import toy2d
+
+    cfg = ms.SPLADConfig(k=20, w=3.0, loss="l2")
+    student = toy2d.MLP(16)
+    target = copy.deepcopy(student).requires_grad_(False)
+    before = [p.detach().clone() for p in [*student.parameters(), *target.parameters()]]
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    nan_teacher = lambda x, t, c: toy_eps(x, t) * float("nan")
+    x0, lab = torch.randn(8, 2), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        ms.splad_step(student, target, nan_teacher, x0, lab, lab, sched, cfg, opt, (target, student))
+    assert all(torch.equal(a, b) for a, b in zip(before, [*student.parameters(), *target.parameters()]))
+
+
 def test_distance_zero_iff_equal():
     x = torch.randn(4, 3)
     for loss in ("l2", "huber"):

@@ -79,7 +79,7 @@ def test_train_writes_atomic_safetensors_checkpoints_and_validation(teacher, dat
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] for r in rows] == res["losses"]
     assert all({"lr", "skipped", "time"} <= set(r) for r in rows) and rows[0]["lr"] == 1e-4
-    assert any(f.endswith("bad.png") for r in rows for f in r.get("skipped_files", []))  # named, not just counted
+    assert any(f.endswith("bad.png (an unreadable image)") for r in rows for f in r.get("skipped_files", []))  # named, not just counted
 
 
 def test_kill_and_resume_continues_the_same_run(teacher, data, tmp_path):
@@ -432,13 +432,13 @@ BAD_INPUTS = [  # (argv with {T} teacher, {D} data, {R} trained run, {F} a user'
     (["train", "--batch-size", "-1"], "--batch-size: must be >= 1"),
     (["train", "--checkpoint-every", "0"], "--checkpoint-every: must be >= 1"),
     (["train", "--lr", "-1"], "--lr: must be > 0"),
-    (["train", "--lr", "nan"], "--lr: must be > 0"),
+    (["train", "--lr", "nan"], "--lr: must be a finite number"),
     (["train", "--max-steps", "0"], "--max-steps: must be >= 1"),
     (["train", "--validate-every", "-5"], "--validate-every: must be >= 0"),
     (["train", "--num-workers", "-1"], "--num-workers: must be >= 0"),
     (["train", "--resolution", "15"], "multiple of the VAE factor 2"),
     (["train", "--k", "0"], "--k: must be >= 1"),
-    (["train", "--gamma-one-share", "2"], "gamma_one_share"),
+    (["train", "--gamma-one-share", "2"], "--gamma-one-share: must be >= 0 and <= 1"),
     (["train", "--huber-c", "0"], "--huber-c: must be > 0"),
     (["train", "--output-dir", "{U}"], "is not empty and is not a minisplam run"),
     (["train", "--output-dir", "{F}"], "is a file"),
@@ -448,9 +448,9 @@ BAD_INPUTS = [  # (argv with {T} teacher, {D} data, {R} trained run, {F} a user'
     (["sample", "--model", "{R}", "--prompt", "x", "--resolution", "15"], "multiple of the VAE factor"),
     (["sample", "--model", "{R}"], "at least one --prompt"),
     (["export", "--run", "{R}", "--out", "{U}"], "is not empty"),
-    (["export", "--run", "{R}", "--out", "{R}", "--overwrite"], "never replaces"),
-    (["export", "--run", "{R}", "--out", "{R}/..", "--overwrite"], "never replaces"),
-    (["export", "--run", "{R}", "--out", ".", "--overwrite"], "never replaces"),
+    (["export", "--run", "{R}", "--out", "{R}", "--overwrite"], "is the run"),
+    (["export", "--run", "{R}", "--out", "{R}/..", "--overwrite"], "contains the run"),
+    (["export", "--run", "{R}", "--out", ".", "--overwrite"], "is the current folder"),
     (["export", "--run", "{R}", "--out", "{F}"], "is an existing file"),
 ]
 
@@ -676,21 +676,23 @@ def test_evaluate_fid_and_clip_score_offline(trained_run, tiny_clip, tmp_path, c
 
 def sd_step_teacher_solve(teacher_dir, monkeypatch, prompts, k, multiple_estimation, w, size=(24, 20), t=999):
     """One `sd_step` on images of `prompts` (all of `size`), with its timesteps set to t: the latent x_t its teacher
-    solve started from, what it returned (x_hat_{t-k}, Eq. 18) and the SDXL time ids of the batch."""
+    solve started from, what it returned (x_hat_{t-k}, Eq. 18), the SDXL time ids of the batch and the clean
+    latents z = E(x) it distilled on."""
     sd = ms.load_sd(teacher_dir)
     cfg = ms.SPLADConfig(k=k, multiple_estimation=multiple_estimation, w=w)
     student, target = ms.make_student(sd, "cpu", cfg.gamma_features, fp32_unet=sd.unet)
     items = [ms.load_image(io.BytesIO(_png((40 * i, 90, 200 - 40 * i), size)), 16) for i in range(len(prompts))]
     batch = {"pixels": torch.stack([px for px, _ in items]), "time_ids": torch.stack([ids for _, ids in items]),
              "text": prompts}
-    calls, real = [], ms.teacher_solve
+    calls, real, real_loss, latents = [], ms.teacher_solve, ms.splad_loss, []
     monkeypatch.setattr(ms, "teacher_solve", lambda *a: calls.append((a[1], real(*a))) or calls[-1][1])
+    monkeypatch.setattr(ms, "splad_loss", lambda *a: latents.append(a[3]) or real_loss(*a))
     monkeypatch.setattr(ms, "sample_timesteps", lambda B, cfg, g=None, device="cpu": torch.full((B,), t, device=device))
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     ms.sd_step(sd, student, student, target, opt, cfg, batch, ms.encode_prompts(sd, [""], "cpu", null=True),
                torch.Generator().manual_seed(0))
     (x_t, x_s), = calls
-    return x_t, x_s, batch["time_ids"][0].tolist()
+    return x_t, x_s, batch["time_ids"][0].tolist(), latents[0]
 
 
 def pipeline_ddim(teacher_dir, prompts, x_t, n_steps, step, w, **kw):
@@ -717,9 +719,25 @@ def test_sd_step_teacher_solve_is_diffusers_guided_ddim(teacher, monkeypatch, k,
     float noise, a thousandth of what guidance itself moves the point: cond/uncond swapped, w ignored or one DDIM
     step too few would be as large as that (tests/planted_bugs.py)."""
     prompts, w, step = ["a red square", "a blue circle"], 8.0, 20 if me else k
-    x_t, x_s, _ = sd_step_teacher_solve(teacher, monkeypatch, prompts, k, me, w)
+    x_t, x_s, _, _ = sd_step_teacher_solve(teacher, monkeypatch, prompts, k, me, w)
     ref = pipeline_ddim(teacher, prompts, x_t, k // step, step, w)
     unguided = pipeline_ddim(teacher, prompts, x_t, k // step, step, 1.0)
     err, effect = (x_s - ref).abs().max().item(), (ref - unguided).abs().max().item()
     print(f"k={k} ME={me}: max |ours - diffusers| = {err:.1e}, guidance moves the point by {effect:.1e}")
     assert err < 1e-3 * effect
+
+
+def test_sd_step_latents_are_the_pipelines_scaled_vae_latents(teacher, monkeypatch):
+    """The clean latents sd_step distils on are z = scaling_factor * E(x), with E(x) as diffusers' img2img pipeline
+    encodes an image (VaeImageProcessor, then retrieve_latents with the same generator)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    from PIL import Image
+
+    _, _, _, z0 = sd_step_teacher_solve(teacher, monkeypatch, ["a", "b"], 20, True, 3.0, size=(16, 16))
+    sd = ms.load_sd(teacher)
+    images = [Image.open(io.BytesIO(_png((40 * i, 90, 200 - 40 * i), (16, 16)))) for i in range(2)]
+    x = VaeImageProcessor(vae_scale_factor=sd.pipe.vae_scale_factor).preprocess(images)
+    with torch.no_grad():
+        ref = retrieve_latents(sd.pipe.vae.encode(x), torch.Generator().manual_seed(0)) * sd.pipe.vae.config.scaling_factor
+    assert sd.pipe.vae.config.scaling_factor != 1 and torch.allclose(z0, ref, atol=1e-5)

@@ -186,7 +186,7 @@ def test_sdxl_sd_step_teacher_solve_is_diffusers_guided_ddim(xl, monkeypatch):
     with DDIMScheduler from the same latent, where the null condition carries the zero embeddings
     (force_zeros_for_empty_prompt), the zero pooled embedding and the images' own size/crop time ids."""
     prompts, w = ["a red square", "a blue circle"], 8.0
-    x_t, x_s, ids = sd_step_teacher_solve(xl, monkeypatch, prompts, 100, True, w, size=(30, 20))
+    x_t, x_s, ids, _ = sd_step_teacher_solve(xl, monkeypatch, prompts, 100, True, w, size=(30, 20))
     assert ids == [20, 30, 0, 4, 16, 16]                                  # original h, w; crop top, left; target
     micro = dict(original_size=tuple(ids[:2]), crops_coords_top_left=tuple(ids[2:4]), target_size=tuple(ids[4:]))
     ref = pipeline_ddim(xl, prompts, x_t, 5, 20, w, **micro)
