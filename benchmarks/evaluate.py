@@ -68,10 +68,18 @@ def load_clip(name: str):
     attribute 'norm')."""
     from transformers import CLIPModel, CLIPProcessor
 
-    if not Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ms.UsageError(f"--clip-model {name} is a file: give a folder saved by CLIPModel.save_pretrained "
+                            "or a cached hub id")
+    if not path.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        try:  # a string that is not a valid repo id raises HFValidationError
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:
+            cached = None
+        if not isinstance(cached, str):
             raise ms.UsageError(f"CLIP model {name!r} is neither a local folder nor in the Hugging Face cache: "
                                 "download it where there is internet (e.g. `huggingface-cli download "
                                 "openai/clip-vit-large-patch14`) or pass a local folder")
@@ -126,7 +134,7 @@ def evaluate(args) -> dict:
     return result
 
 
-def main(argv=None):
+def build_parser():
     p = ms.cli_parser(prog="evaluate.py", description=__doc__.split("\n")[0])
     p.add_argument("--images", type=ms.path_arg, required=True, help="folder written by `sample` (images + manifest.jsonl)")
     p.add_argument("--reference", type=ms.path_arg, help="folder of reference images for FID (e.g. COCO val at 512 px)")
@@ -138,7 +146,11 @@ def main(argv=None):
     p.add_argument("--size", type=ms.number_arg(int, 1, 4096), default=299, help="images are resized to size x size")
     p.add_argument("--batch-size", type=ms.number_arg(int, 1, 65536), default=50, help="images per batch")
     p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     ms.quiet_libraries(args.verbose)
     try:
         res = evaluate(args)

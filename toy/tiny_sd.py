@@ -61,14 +61,18 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0, 
     return str(out)
 
 
-def main(argv=None):
+def build_parser():
     p = ms.cli_parser(prog="python -m toy.tiny_sd", description=__doc__.split("\n")[0])
     p.add_argument("out", type=ms.path_arg, help="a new or empty folder")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts")
     p.add_argument("--arch", default="sd", choices=["sd", "sdxl"], help="SD 1.x layout, or SDXL's two text encoders")
     p.add_argument("--verbose", action="store_true", help="also show the libraries' warnings")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
     ms.quiet_libraries(a.verbose)
     try:
         out = make_tiny_sd(a.out, a.prediction_type, arch=a.arch)
