@@ -861,20 +861,26 @@ RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_
 TMP_MARK = ".minisplam-tmp"             # written into every temporary folder this program makes, and checked
 
 
-def own_tmpdir(prefix: str, parent: Path) -> Path:
-    """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it. It gets
-    the permissions of any new folder (mkdtemp's are 0700), so a shared machine's users can read what it becomes."""
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    return umask
+
+
+def own_tmpdir(prefix: str, parent: Path) -> Path:
+    """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     (tmp / TMP_MARK).touch()
     return tmp
 
 
 def finish_tmpdir(tmp: Path, final: Path):
-    """Drop the mark and rename the finished folder into place (atomic)."""
+    """Drop the mark, give everything in it the umask's permissions (mkdtemp's folder is 0700 and some writers make
+    0600 files; a shared machine's users must read what it becomes), and rename it into place (atomic)."""
     (tmp / TMP_MARK).unlink()
+    umask = _umask()
+    for p in [tmp, *tmp.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
     os.replace(tmp, final)
 
 
@@ -1165,6 +1171,8 @@ def train(args) -> dict:
                                      run / "validation" / f"step-{step:07d}.png")
             proc.wait_for_everyone()
     except BaseException:
+        bar.leave = False                                      # clear the bar's line: the error is the last word
+        bar.close()
         if rank == 0 and not args.resume and step == 0:       # nothing trained: leave the folder as it was found, so
             for f in (run / "config.json", log):               # that the same command can simply be run again
                 f.unlink(missing_ok=True)

@@ -167,7 +167,7 @@ def test_pretrained_vae_replaces_the_teachers(sd15, data, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--model", "tiny-sdxl", "--lora", "4"], ["--model", "tiny", "--gradient-checkpointing"],
                                   ["--model", "tiny", "--skip-train"]])
-def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
+def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path, capsys):
     """The benchmark's plumbing (its figures are not asserted): every objective, the JSON, the sampling latency."""
     import sys
     sys.path.insert(0, str(Path(ms.__file__).parent / "benchmarks"))
@@ -179,6 +179,8 @@ def test_benchmark_runs_sdxl_lora_and_full(argv, tmp_path):
                                                    ["LCM k=20", "SPLAD k=20", "SPLAD k=100 ME"])
     assert all(r["s_per_step"] > 0 for r in res["train"]) and sorted(res["latency_s"]) == ["1", "2", "4"]
     assert res["lora_rank"] == (4 if "--lora" in argv else 0)
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and ("n/a (CPU)" in out or "--skip-train" in argv)  # issue 21: no "peak nan GiB"
 
 
 def test_sdxl_sd_step_teacher_solve_is_diffusers_guided_ddim(xl, monkeypatch):
