@@ -861,12 +861,6 @@ RESUMABLE_KEYS = {"lr", "max_steps", "checkpoint_every", "validate_every", "num_
 TMP_MARK = ".minisplam-tmp"             # written into every temporary folder this program makes, and checked
 
 
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
 def own_tmpdir(prefix: str, parent: Path) -> Path:
     """A temporary folder beside its final place, marked as ours so that a later clean-up can recognise it."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
@@ -878,7 +872,8 @@ def finish_tmpdir(tmp: Path, final: Path):
     """Drop the mark, give everything in it the umask's permissions (mkdtemp's folder is 0700 and some writers make
     0600 files; a shared machine's users must read what it becomes), and rename it into place (atomic)."""
     (tmp / TMP_MARK).unlink()
-    umask = _umask()
+    umask = os.umask(0)
+    os.umask(umask)
     for p in [tmp, *tmp.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
     os.replace(tmp, final)
