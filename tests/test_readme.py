@@ -1,4 +1,4 @@
-"""README.md's commands, run as written: every ```bash block's `python minisplam.py`, `python -m toy.tiny_sd` and
+"""README.md's commands (and those of benchmarks/README.md and toy/results/README.md), run as written: every ```bash block's `python minisplam.py`, `python -m toy.tiny_sd` and
 `python benchmarks/evaluate.py` line (for-loops expanded), and every ```python block, in README order in one
 folder, so a later command reads what an earlier one wrote.
 
@@ -31,7 +31,10 @@ SHRINK = {"--resolution": "16", "--batch-size": "2", "--lora-rank": "4"}
 
 
 def blocks(lang: str) -> list:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    """Fenced blocks of README.md, then of benchmarks/README.md and toy/results/README.md (their commands read what
+    README.md's wrote)."""
+    return [b for f in (README, ROOT / "benchmarks" / "README.md", ROOT / "toy" / "results" / "README.md")
+            for b in re.findall(rf"^```{lang}\n(.*?)^```", f.read_text(), flags=re.S | re.M)]
 
 
 def commands() -> list:
@@ -136,3 +139,30 @@ def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys
                 (work / f"gen{n}" / "eval.json").read_text()))
     for code in blocks("python"):                              # the snippets that load our exports in diffusers
         exec(compile(code.replace('"cuda"', '"cpu"'), "README.md", "exec"), {})
+
+
+def test_the_readme_finding_is_the_committed_study():
+    """Each number and comparison of README's finding and results summary, against toy/results/*.json."""
+    import json
+
+    text = " ".join(README.read_text().split())
+    rows = {}
+    for name in ("study2d_anneal", "study2d"):
+        for line in json.loads((ROOT / "toy" / "results" / f"{name}.json").read_text())["table"].splitlines()[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault((name, cells[0], cells[2]), cells)                  # the 128-wide student's row
+    lcm, best, paper = (rows["study2d_anneal", "exact", f"{m} k=20 cos80k"] for m in ("LCM", "SPLAM best", "SPLAM paper"))
+    assert f"is {lcm[3]} for LCM, {paper[3]} for the paper's SPLAM" in text and f"{best[3]} for SPLAM with half" in text
+    assert f"would score {lcm[4]}" in text
+    mean = lambda c: float(c.split(" ± ")[0])  # noqa: E731
+    assert mean(lcm[3]) < mean(best[3]) < mean(paper[3]) and mean(lcm[3]) > float(lcm[4])    # LCM beats; not at floor
+    u, b = rows["study2d", "exact", "u-ablation k=20"], rows["study2d", "exact", "SPLAM best k=20"]
+    l10 = rows["study2d", "exact", "LCM k=20"]
+    assert (mean(b[3]) - mean(u[3])) > 0.5 * (mean(b[3]) - mean(l10[3]))       # "closes most of the gap"
+    doubling = json.loads((ROOT / "toy" / "results" / "study2d_anneal.json").read_text())["doubling"]
+    ratios = {m: [float(r.split("|")[4].strip(" ×")) for r in doubling.splitlines() if r.startswith(f"| {m} k=20 |")]
+              for m in ("SPLAM best", "SPLAM paper")}                          # the study's own vs-LCM column
+    assert len(ratios["SPLAM best"]) == len(ratios["SPLAM paper"]) == 4
+    assert "(2.0-2.5× lower than SPLAM with half of its γ's at 1, 20-27× lower than the paper's SPLAM)" in text
+    assert round(min(ratios["SPLAM best"]), 1) == 2.0 and round(max(ratios["SPLAM best"]), 1) == 2.5
+    assert round(min(ratios["SPLAM paper"])) == 20 and round(max(ratios["SPLAM paper"])) == 27

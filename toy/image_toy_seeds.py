@@ -4,7 +4,7 @@ the paired difference SPLAM - LCM. A seed may have run on another device (`--dev
 settings are the same, only the random streams differ, as they do between seeds.
 
     python toy/image_toy.py --full --seed 1     # one run per seed (seed 0: --full); toy/results/image_toy_full*
-    python toy/image_toy_seeds.py               # writes toy/results/image_toy_seeds.json, _curve.png, the README table
+    python toy/image_toy_seeds.py               # writes toy/results/image_toy_seeds.json, _curve.png, the table of toy/results/README.md
 """
 
 import json
@@ -33,7 +33,7 @@ def load_runs(root: Path = FULL_OUT.parent) -> dict:
     return runs
 
 
-def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
+def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().parent / "results" / "README.md"):
     runs = load_runs(root)
     run_settings = lambda r: {k: v for k, v in r["settings"].items() if k not in ("seed", "out", "threads", "device")}
     settings = run_settings(runs[0])
@@ -68,7 +68,7 @@ def main(root: Path = FULL_OUT.parent, readme: Path = Path(__file__).resolve().p
     where = "; ".join(f"seed {s}: {device[s]}, {wall[s]:.0f} min" for s in seeds)
     block = (f"Seeds {', '.join(map(str, seeds))} of `python toy/image_toy.py --full [--seed N] [--device cuda]` "
              f"(device and wall time: {where}), summarised by "
-             f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](toy/results/image_toy_seeds.json). "
+             f"`{report['command']}` into [`toy/results/image_toy_seeds.json`](image_toy_seeds.json). "
              f"Mean ± std over seeds; *SPLAM better*: seeds on which SPLAM's FD-proxy is lower than LCM's; the teacher's "
              f"own 100-step ODE samples score {fmt(list(report['teacher_fd_proxy'].values()))}"
              + (f"; the FD-proxy's noise floor (disjoint sets of real digits, `python toy/image_toy_floor.py --seed N`) "

@@ -319,7 +319,7 @@ def anneal_study(a, settings):
         st = report["settings"]
         have = {(r["method"], r["seed"]) for r in report["runs"]}
         missing = [f"{m} seed {t['seed']}" for t in tasks for m in t["methods"] if (m, t["seed"]) not in have]
-        write_readme(report, RESULTS.parent.parent / "README.md", "anneal" + tag, report["command"] + " --report", "\n".join([
+        write_readme(report, RESULTS / "README.md", "anneal" + tag, report["command"] + " --report", "\n".join([
             f"Settings: the main study's{f' except the peak lr (main study: {LR:g})' if tag else ''} "
             f"(batch {st['batch']}, AdamW lr {st['lr']:g} cosine-decayed to 0 over the budget, "
             f"w = {st['w']}, L2, EMA 0.95, {st['n_eval']} evaluation noises), exact teacher, 128 wide, k = 20, seeds "
@@ -445,7 +445,7 @@ def main(argv=None):
     save(path, report)
     plot(report, a.out / ("study2d_quick.png" if q else "study2d.png"))
     if not q and a.out == RESULTS:
-        write_readme(report, RESULTS.parent.parent / "README.md")
+        write_readme(report, RESULTS / "README.md")
     print("\nScreen (seed 0, exact teacher, width 128, k=20):\n" + report["screen_table"])
     print(f"\nbest variant: {best['method']}\n\n" + report["table"])
     print(f"\nwrote {path} in {report['wall_s']:.0f}s of wall time ({cmd})")
