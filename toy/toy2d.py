@@ -363,14 +363,14 @@ def verdict(runs):
     return out
 
 
-def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 90):
+def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 100):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(finals)
-    fig = plt.figure(figsize=(max(2.0 * (len(names) + 1), 9), 7.5))
+    fig = plt.figure(figsize=(max(2.4 * (len(names) + 1), 12), 9))
     outer = fig.add_gridspec(2, 1, height_ratios=[2, 1.2])
     top = outer[0].subgridspec(2, len(names) + 1)
     cols = ["tab:blue" if c == 0 else "tab:orange" for c in ev.labels.tolist()]
@@ -381,20 +381,20 @@ def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 90):
     for i, j, title, x in panels:
         a = fig.add_subplot(top[i, j])
         a.scatter(*x.T, s=0.5, c=cols)
-        a.set_title(title, fontsize=7)
+        a.set_title(title, fontsize=9)
         a.set_xlim(-1.6, 1.6), a.set_ylim(-1.6, 1.6), a.set_xticks([]), a.set_yticks([])
     bottom = outer[1].subgridspec(1, 3)
     a_delta, a_it, a_wall = (fig.add_subplot(bottom[0, i]) for i in range(3))
     for name in [n for n in ("LCM k=20", "SPLAM k=20", "LCM k=100 ME", "SPLAM k=100 ME") if n in deltas]:
         a_delta.plot(deltas[name]["t"], deltas[name]["ode"], label=name)
-    a_delta.set(title="consistency error δ(t), Fig. 2c", xlabel="t", ylabel="δ")
-    a_delta.legend(fontsize=6)
+    a_delta.set(title="consistency error δ(t), Fig. 2c", xlabel="timestep t (of 1000)", ylabel="δ (RMS, data units)")
+    a_delta.legend(fontsize=9)
     for name, c in curves.items():
         a_it.plot(c["iter"], c["sw2_1"], label=name)
         a_wall.plot(c["train_s"], c["sw2_1"], label=name)
-    a_it.set(title="1-step SW2 vs iteration", xlabel="iteration", yscale="log")
-    a_wall.set(title="1-step SW2 vs train time", xlabel="seconds", yscale="log")
-    a_it.legend(fontsize=5)
+    a_it.set(title="1-step SW2 vs iteration", xlabel="distillation iteration", ylabel="1-step SW2 (data units)", yscale="log")
+    a_wall.set(title="1-step SW2 vs train time", xlabel="training time (s)", ylabel="1-step SW2 (data units)", yscale="log")
+    a_wall.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
