@@ -372,7 +372,7 @@ def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 100):
     names = list(finals)
     fig = plt.figure(figsize=(max(2.4 * (len(names) + 1), 12), 9))
     outer = fig.add_gridspec(2, 1, height_ratios=[2, 1.2])
-    top = outer[0].subgridspec(2, len(names) + 1)
+    top = outer[0].subgridspec(2, len(names) + 1, hspace=0.45)
     cols = ["tab:blue" if c == 0 else "tab:orange" for c in ev.labels.tolist()]
     panels = [(0, 0, "teacher ODE (200 steps)", ev.ref_a)]
     for j, name in enumerate(names, 1):
@@ -383,12 +383,12 @@ def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 100):
         a.scatter(*x.T, s=0.5, c=cols)
         a.set_title(title, fontsize=9)
         a.set_xlim(-1.6, 1.6), a.set_ylim(-1.6, 1.6), a.set_xticks([]), a.set_yticks([])
-    bottom = outer[1].subgridspec(1, 3)
+    bottom = outer[1].subgridspec(1, 3, wspace=0.45)
     a_delta, a_it, a_wall = (fig.add_subplot(bottom[0, i]) for i in range(3))
     for name in [n for n in ("LCM k=20", "SPLAM k=20", "LCM k=100 ME", "SPLAM k=100 ME") if n in deltas]:
         a_delta.plot(deltas[name]["t"], deltas[name]["ode"], label=name)
     a_delta.set(title="consistency error δ(t), Fig. 2c", xlabel="timestep t (of 1000)", ylabel="δ (RMS, data units)")
-    a_delta.legend(fontsize=9)
+    a_delta.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
     for name, c in curves.items():
         a_it.plot(c["iter"], c["sw2_1"], label=name)
         a_wall.plot(c["train_s"], c["sw2_1"], label=name)
