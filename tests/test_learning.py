@@ -5,13 +5,21 @@ distils it through the unchanged CLI (VAE latents, CLIP conditioning, sd_step, m
 The distilled student's coupled few-step error to the teacher's guided ODE (toy.measure.few_step_errors) must fall
 clearly below the untrained student's (the teacher itself used as a few-step sampler).
 
-Margins: benchmarks/learning_curve.py measures the same set-up over 3 seeds (benchmarks/results/learning_curve.json).
-Trained / untrained, LCM k=100 with multiple estimation at step 50: 1-step 0.848-0.853, 4-step 0.236-0.259 (bf16 here:
-0.856 / 0.241). SPLAM's held-out SPLAD loss at step 100: 0.594-0.708. Deliberate bugs give 1-step ratios of 0.965 (VAE
-scaling dropped) to exactly 1 (target at t instead of t - k; no EMA update). The thresholds sit between the two.
+The teacher is committed (tests/data/shapes_teacher, 3.9 MB), trained for 1,500 steps by
+`python toy/shapes_sd.py OUT --steps 1500 --resolution 8 --n 512 --batch 32 --threads 1` (OUT/teacher): long enough
+that its guided ODE output depends clearly on the prompt (another prompt moves it by 0.34 of its norm; the 300-step
+teacher of benchmarks/learning_curve.py: 0.13), and nothing is trained at test time.
+
+Margins, with this teacher: trained / untrained, LCM k=100 with multiple estimation at step 50: 1-step 0.869 (bf16
+0.875), 4-step 0.436 (bf16 0.433); SPLAM's held-out SPLAD loss at step 100: 0.431. With the 300-step teacher of
+benchmarks/learning_curve.py (3 seeds): 1-step 0.848-0.853, 4-step 0.236-0.259, SPLAM 0.594-0.708. Deliberate bugs
+gave 1-step ratios of 0.965 (VAE scaling dropped) to exactly 1 (target at t instead of t - k; no EMA update); those
+and guidance errors are caught exactly by tests/test_core.py and tests/test_sd.py (tests/planted_bugs.py).
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +28,8 @@ import minisplam as ms
 from toy import measure
 from toy import shapes_sd as sh
 
-RES, W, TEACHER_STEPS = 8, 3.0, 300
+RES, W = 8, 3.0
+TEACHER = Path(__file__).parent / "data" / "shapes_teacher"
 LCM_STEPS, MAX_RATIO = 50, {1: 0.93, 4: 0.5}        # LCM: trained / untrained coupled error, 1 and 4 steps
 SPLAM_STEPS, MAX_LOSS_RATIO = 100, 0.8             # SPLAM: trained / untrained held-out SPLAD loss
 
@@ -28,7 +37,7 @@ SPLAM_STEPS, MAX_LOSS_RATIO = 100, 0.8             # SPLAM: trained / untrained 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    sh.make_teacher(root / "teacher", TEACHER_STEPS, n=512, resolution=RES, batch=32)
+    shutil.copytree(TEACHER, root / "teacher")                  # a copy: the tests never touch the committed one
     sh.write_imagefolder(root / "data", 256, RES, seed=1)
     ref = sh.reference(str(root / "teacher"), sh.CAPTIONS * 4, W, resolution=RES)
     return root, ref, sh.run_errors(str(root / "teacher"), *ref)
@@ -51,7 +60,7 @@ def test_the_shapes_teacher_depends_on_the_prompt(shapes):
     gap = (ref - swapped).flatten(1).norm(dim=1).mean()
     print(f"same noise, another prompt: |ODE output difference| = {gap:.3f} (output norm "
           f"{ref.flatten(1).norm(dim=1).mean():.3f})")
-    assert gap > 0.05 * ref.flatten(1).norm(dim=1).mean()
+    assert gap > 0.25 * ref.flatten(1).norm(dim=1).mean()               # measured 0.34 (the 300-step teacher: 0.13)
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
@@ -77,7 +86,6 @@ def test_splam_heldout_loss_falls(shapes, tmp_path):
 def test_learning_curve_benchmark_quick_runs_and_resumes(tmp_path):
     """benchmarks/learning_curve.py: plumbing only (segments with --resume, measurements, JSON, figure, rerun)."""
     import importlib.util
-    from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("learning_curve", Path(__file__).parents[1] / "benchmarks" /
                                                   "learning_curve.py")

@@ -8,6 +8,8 @@ measure the student's coupled few-step error to the teacher (`toy.measure.few_st
 and prompts: the SD path (VAE latents, CLIP conditioning, sd_step, mixed precision, the EMA) is shown to learn.
 
     python toy/shapes_sd.py OUT_DIR [--steps 400]      # teacher in OUT_DIR/teacher, data in OUT_DIR/data
+    python toy/shapes_sd.py OUT --steps 1500 --resolution 8 --n 512 --batch 32 --threads 1
+        # the teacher committed in tests/data/shapes_teacher (its guided output depends on the prompt: tested)
 """
 
 import argparse
@@ -151,12 +153,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--resolution", type=int, default=16, help="image size in px (latents are half of it)")
+    p.add_argument("--n", type=int, default=1024, help="training images of the teacher")
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    make_teacher(a.out / "teacher", a.steps)
-    write_imagefolder(a.out / "data", 256, seed=1)
+    make_teacher(a.out / "teacher", a.steps, n=a.n, resolution=a.resolution, batch=a.batch)
+    write_imagefolder(a.out / "data", 256, a.resolution, seed=1)
     print(f"wrote {a.out}/teacher and {a.out}/data in {time.perf_counter() - t0:.0f}s")
 
 
