@@ -10,18 +10,18 @@ cut, so an id the README names that is not in that cache fails the test. Shrinks
 grid, also with LoRA + bf16); `/data/...` is a 3-image folder; `evaluate.py` adds a tiny --fid-features extractor;
 "cuda" is "cpu"."""
 
+import json
 import re
 import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
 import minisplam as ms
 from test_cli import _features
-from test_sd import _png, tiny_clip  # noqa: F401  (tiny_clip: a fixture)
+from test_sd import _evaluate_main, _png, tiny_clip  # noqa: F401  (tiny_clip: a fixture)
 from toy import tiny_sd
 
 ROOT = Path(ms.__file__).parent
@@ -97,9 +97,6 @@ def hub(tmp_path, tiny_clip, monkeypatch):  # noqa: F811
 
 
 def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import evaluate
-
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -115,7 +112,7 @@ def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys
     for i in range(4):
         (ref / f"{i}.png").write_bytes(_png((40 * i, 90, 200 - 40 * i), size=(16, 16)))
     features = _features(tmp_path / "features.pt")
-    mains = {"minisplam.py": ms.main, "toy.tiny_sd": tiny_sd.main, "benchmarks/evaluate.py": evaluate.main}
+    mains = {"minisplam.py": ms.main, "toy.tiny_sd": tiny_sd.main, "benchmarks/evaluate.py": _evaluate_main()}
     ran = []
     for entry, argv in commands():
         extra = ({"--max-steps": "2", "--validate-every": "1", "--num-workers": "0",
@@ -135,7 +132,7 @@ def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys
     assert len(ran) == len(commands())
     for n in (1, 2, 4):                                        # `cat gen1/eval.json ...`
         if (work / f"gen{n}").exists():
-            assert {"fid", "clip_score", "n_images"} <= set(__import__("json").loads(
+            assert {"fid", "clip_score", "n_images"} <= set(json.loads(
                 (work / f"gen{n}" / "eval.json").read_text()))
     for code in blocks("python"):                              # the snippets that load our exports in diffusers
         exec(compile(code.replace('"cuda"', '"cpu"'), "README.md", "exec"), {})
@@ -143,8 +140,6 @@ def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys
 
 def test_the_readme_finding_is_the_committed_study():
     """Each number and comparison of README's finding and results summary, against toy/results/*.json."""
-    import json
-
     text = " ".join(README.read_text().split())
     rows = {}
     for name in ("study2d_anneal", "study2d"):
