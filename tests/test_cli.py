@@ -357,12 +357,13 @@ def test_9_an_unreachable_hub_id_fails_at_once(world, tmp_path, capsys, monkeypa
 def test_9_a_normal_run_prints_only_our_own_lines(world, tmp_path):
     """A subprocess, as a user runs it: no library warnings or their progress bars, and --verbose brings them back."""
     env = {**os.environ, "PYTHONWARNINGS": "default"}
-    argv = [sys.executable, str(ROOT / "minisplam.py"), "export", "--run", world["run"], "--out", str(tmp_path / "p")]
-    p = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
-    assert p.stdout.strip().splitlines() == [f"exported to {tmp_path / 'p'}"], p.stdout
-    p = subprocess.run([sys.executable, str(ROOT / "minisplam.py"), "sample", "--model", world["run"], "--prompt", "x",
-                        "--out", str(tmp_path / "s")], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    noise = [l for l in p.stderr.splitlines() if re.search(r"warn|Loading pipeline|Writing model|deprecat", l, re.I)]
+    run = lambda *argv: subprocess.Popen([sys.executable, str(ROOT / "minisplam.py"), *argv], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    export = run("export", "--run", world["run"], "--out", str(tmp_path / "p"))       # both at once: one per core
+    sample = run("sample", "--model", world["run"], "--prompt", "x", "--out", str(tmp_path / "s"))
+    (out, err), (_, sample_err) = export.communicate(), sample.communicate()
+    assert export.returncode == 0 and err.strip() == "", err
+    assert out.strip().splitlines() == [f"exported to {tmp_path / 'p'}"], out
+    assert sample.returncode == 0, sample_err
+    noise = [l for l in sample_err.splitlines() if re.search(r"warn|Loading pipeline|Writing model|deprecat", l, re.I)]
     assert noise == [], noise
