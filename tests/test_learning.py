@@ -11,10 +11,11 @@ that its guided ODE output depends clearly on the prompt (another prompt moves i
 teacher of benchmarks/learning_curve.py: 0.13), and nothing is trained at test time.
 
 Margins, with this teacher: trained / untrained, LCM k=100 with multiple estimation at step 50: 1-step 0.869 (bf16
-0.875), 4-step 0.436 (bf16 0.433); SPLAM's held-out SPLAD loss at step 50: 0.521 (0.431 at step 100). With the 300-step teacher of
-benchmarks/learning_curve.py (3 seeds): 1-step 0.848-0.853, 4-step 0.236-0.259, SPLAM 0.594-0.708. Deliberate bugs
-gave 1-step ratios of 0.965 (VAE scaling dropped) to exactly 1 (target at t instead of t - k; no EMA update); those
-and guidance errors are caught exactly by tests/test_core.py and tests/test_sd.py (tests/planted_bugs.py).
+0.875), 4-step 0.436 (bf16 0.433); SPLAM's held-out SPLAD loss at step 50: 0.521 (0.431 at step 100). With the
+300-step teacher of benchmarks/learning_curve.py (3 seeds): 1-step 0.848-0.853, 4-step 0.236-0.259, SPLAM
+0.594-0.708 at step 100. Deliberate bugs gave 1-step ratios of 0.965 (VAE scaling dropped) to exactly 1 (target at t
+instead of t - k; no EMA update); those and guidance errors are caught exactly by tests/test_core.py and
+tests/test_sd.py (tests/planted_bugs.py).
 """
 
 import json

@@ -110,7 +110,8 @@ def reference(teacher_dir: str, prompts, w: float, seed: int = 0, ode_steps: int
     uncond = ms.encode_prompts(sd, [""], "cpu").expand_as(cond)
     teacher = ms.unet_eps(sd.unet, sd.sched, sd.prediction_type)
     T = sd.sched.T
-    solve = lambda x, t: measure.ode_sample(teacher, x, cond, uncond, w, sd.sched, max(1, round(ode_steps * (t + 1) / T)), t)
+    solve = lambda x, t: measure.ode_sample(teacher, x, cond, uncond, w, sd.sched, max(1, round(ode_steps * (t + 1) / T)),
+                                            t)
     from_T = solve(x_T, T - 1)                  # every 1-step error starts from x_T at T - 1: solved once, here
     ode = lambda x, t: from_T.clone() if t == T - 1 and torch.equal(x, x_T) else solve(x, t)
     return sd, x_T, cond, ode

@@ -96,12 +96,19 @@ def pretrained(cache: Path, gmm, sched, iters, seed, width):
     return pre
 
 
+_EVAL_SETS = {}                                 # per process: each group's set-up is built once, not once per method
+
+
 def evaluation_set(a, teacher_kind, width, seed, cache):
-    """The pre-trained MLP of (seed, width) and the evaluation set of the exact or the learned teacher (that MLP)."""
-    sched, gmm = ms.sd_schedule(), t2.GMM()
-    pre = pretrained(cache, gmm, sched, a["pretrain_iters"], seed, width)
-    teacher = t2.exact_teacher(gmm, sched) if teacher_kind == "exact" else (lambda x, t, c: pre(x, t, c))
-    return pre, t2.EvalSet(gmm, teacher, sched, a["w"], a["n_eval"], seed)
+    """The pre-trained MLP of (seed, width) and the evaluation set of the exact or the learned teacher (that MLP).
+    Neither is changed by its users (distill copies the MLP's weights), so a process keeps them for its next task."""
+    key = (teacher_kind, width, seed, a["pretrain_iters"], a["w"], a["n_eval"], str(cache))
+    if key not in _EVAL_SETS:
+        sched, gmm = ms.sd_schedule(), t2.GMM()
+        pre = pretrained(cache, gmm, sched, a["pretrain_iters"], seed, width)
+        teacher = t2.exact_teacher(gmm, sched) if teacher_kind == "exact" else (lambda x, t, c: pre(x, t, c))
+        _EVAL_SETS[key] = pre, t2.EvalSet(gmm, teacher, sched, a["w"], a["n_eval"], seed)
+    return _EVAL_SETS[key]
 
 
 def run_group(task):
@@ -166,7 +173,7 @@ def run_tasks(tasks, report, path, workers, cache):
                 if f"{task['teacher']}/{task['width']}/{task['seed']}/{n}" not in done}
         if left:
             todo.append({**task, "methods": left, "cache": cache})
-    # one method per task, so both workers stay busy; the group set-up is repeated (cheap next to training)
+    # one method per task, so both workers stay busy; each worker builds a group's set-up once (evaluation_set)
     todo = [{**t, "methods": {n: s}} for t in todo for n, s in t["methods"].items()]
     with ProcessPoolExecutor(workers) as pool:
         for res in pool.map(run_group, todo):
