@@ -1166,6 +1166,7 @@ def train(args) -> dict:
                                      run / "validation" / f"step-{step:07d}.png")
             proc.wait_for_everyone()
     except BaseException:
+        del it                                                 # stop the loader's workers now, not when the traceback goes
         bar.leave = False                                      # clear the bar's line: the error is the last word
         bar.close()
         if rank == 0 and not args.resume and step == 0:       # nothing trained: leave the folder as it was found, so
