@@ -361,9 +361,11 @@ def test_9_a_normal_run_prints_only_our_own_lines(world, tmp_path):
                                          stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     export = run("export", "--run", world["run"], "--out", str(tmp_path / "p"))       # both at once: one per core
     sample = run("sample", "--model", world["run"], "--prompt", "x", "--out", str(tmp_path / "s"))
-    (out, err), (_, sample_err) = export.communicate(), sample.communicate()
+    verbose = run("sample", "--model", world["run"], "--prompt", "x", "--out", str(tmp_path / "v"), "--verbose")
+    (out, err), (_, sample_err), (_, verbose_err) = export.communicate(), sample.communicate(), verbose.communicate()
     assert export.returncode == 0 and err.strip() == "", err
     assert out.strip().splitlines() == [f"exported to {tmp_path / 'p'}"], out
     assert sample.returncode == 0, sample_err
     noise = [l for l in sample_err.splitlines() if re.search(r"warn|Loading pipeline|Writing model|deprecat", l, re.I)]
     assert noise == [], noise
+    assert verbose.returncode == 0 and "Loading pipeline components" in verbose_err, verbose_err   # --verbose: back
