@@ -1,7 +1,15 @@
 import os
 
-import pytest
-import torch
+# The suite runs on two pytest-xdist workers (pyproject.toml: -n 2), one per core, so each worker and everything it
+# starts (notebook kernels, torchrun ranks, the toys' pools) computes on one thread. OpenMP threads that wait
+# passively sleep instead of spinning: with two processes per core, spinning threads made one test 14x slower.
+# Both must be set before torch loads OpenMP; subprocesses inherit them.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("MINISPLAM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("MINISPLAM_THREADS", "2")))
 
