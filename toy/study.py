@@ -291,7 +291,7 @@ def anneal_study(a, settings):
     q = a.quick
     tag = f"_lr{settings['lr']:g}" if settings["lr"] != LR else ""                # another lr: its own JSON
     path = a.out / (f"study2d_anneal{tag}_quick.json" if q else f"study2d_anneal{tag}.json")
-    budgets = (40, 80) if q else tuple(int(b) for b in a.budgets.split(","))
+    budgets = (20, 40) if q else tuple(int(b) for b in a.budgets.split(","))
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
     methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
                "SPLAM best k=20": {**best, "k": 20}}
@@ -393,9 +393,9 @@ def main(argv=None):
     if a.lr <= 0 or (a.lr != LR and not a.anneal):
         p.error("--lr takes a positive value, and only with --anneal (the main study's lr is fixed)")
     q = a.quick
-    settings = {"screen_iters": 40 if q else 5000, "iters": a.iters or (40 if q else 10000),
-                "eval_every": 20 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 400 if q else 16000,
-                "pretrain_iters": 50 if q else 4000, "long_iters": 80 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
+    settings = {"screen_iters": 20 if q else 5000, "iters": a.iters or (20 if q else 10000),
+                "eval_every": 10 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 200 if q else 16000,
+                "pretrain_iters": 50 if q else 4000, "long_iters": 40 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
     if a.anneal:
         return anneal_study(a, settings)
