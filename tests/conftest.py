@@ -13,6 +13,18 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("MINISPLAM_THREADS", "2")))
 
+# The slowest files (pytest --durations), which the two workers take first; the rest follow in collection order, so
+# that neither worker is left with a long file at the end (with --no-loadscope-reorder, which would put the files
+# with the most tests first).
+SLOW_FIRST = ("tests/test_sd.py", "tests/test_cli.py", "tests/test_learning.py", "tests/test_toy2d.py",
+              "notebooks/04_splad_end_to_end.ipynb")
+
+
+def pytest_collection_modifyitems(config, items):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        file_rank = {f: i for i, f in enumerate(SLOW_FIRST)}
+        items.sort(key=lambda item: file_rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))   # stable
+
 
 @pytest.fixture
 def sched():

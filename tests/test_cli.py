@@ -96,19 +96,24 @@ def world(tmp_path_factory, tiny_clip):
             "gen": str(gen), "ref": str(ref), "features": _features(root / "features.pt"), "clip": tiny_clip}
 
 
+def parsers():
+    """The parser of each entry point, whose options the walk visits."""
+    subs = ms.build_parser()._subparsers._group_actions[0].choices
+    return {"train": subs["train"], "sample": subs["sample"], "export": subs["export"],
+            "toy.tiny_sd": tiny_sd.build_parser(), "evaluate.py": evaluate.build_parser()}
+
+
 def entry_points(w, new):
-    """name -> (parser, base argv that succeeds, run(argv)), `new` a fresh output path for this call."""
+    """name -> (base argv that succeeds, run(argv)), `new` a fresh output path for this call."""
     train = ["train", "--teacher", w["teacher"], "--data", w["data"], "--output-dir", new, "--k", "20", *FAST,
              "--batch-size", "1", "--max-steps", "1", "--validate-every", "0"]
-    subs = ms.build_parser()._subparsers._group_actions[0].choices
     return {
-        "train": (subs["train"], train, ms.main),
-        "sample": (subs["sample"], ["sample", "--model", w["run"], "--prompt", "a red square", "--out", new], ms.main),
-        "export": (subs["export"], ["export", "--run", w["run"], "--out", new], ms.main),
-        "toy.tiny_sd": (tiny_sd.build_parser(), [new], tiny_sd.main),
-        "evaluate.py": (evaluate.build_parser(), ["--images", w["gen"], "--reference", w["ref"], "--fid-features",
-                                                  w["features"], "--size", "16", "--clip-model", w["clip"]],
-                        evaluate.main),
+        "train": (train, ms.main),
+        "sample": (["sample", "--model", w["run"], "--prompt", "a red square", "--out", new], ms.main),
+        "export": (["export", "--run", w["run"], "--out", new], ms.main),
+        "toy.tiny_sd": ([new], tiny_sd.main),
+        "evaluate.py": (["--images", w["gen"], "--reference", w["ref"], "--fid-features", w["features"], "--size", "16",
+                         "--clip-model", w["clip"]], evaluate.main),
     }
 
 
@@ -132,15 +137,14 @@ def test_every_option_of_every_entry_point(world, tmp_path, capsys, monkeypatch)
     fill = {"{missing}": str(root / "missing" / "x"), "{file}": str(root / "user" / "file.txt"),
             "{folder}": str(root / "user" / "notes"), "{inrun}": str(Path(world["run"]) / "checkpoint-0000001")}
     tried, outcomes, n, problems = 0, {"ok": 0, "error": 0, "traceback": 0}, 0, []
-    for name in ("train", "sample", "export", "toy.tiny_sd", "evaluate.py"):
-        parser = entry_points(world, "x")[name][0]
+    for name, parser in parsers().items():
         for action in parser._actions:
             if action.dest in ("help",):
                 continue
             for raw in (["(flag)"] if action.nargs == 0 else VALUES):
                 n += 1
                 new = str(tmp_path / f"new-{n}")
-                _, base, run = entry_points(world, new)[name]
+                base, run = entry_points(world, new)[name]
                 value = fill.get(raw, raw)
                 argv = with_option(base, action, value)
                 own = [p for p in (Path(new), root / "user" / value, root / "missing") if value and not p.exists()]

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from diffusers.models.embeddings import get_timestep_embedding
 
 import minisplam as ms
 from toy import measure
@@ -100,6 +99,8 @@ class MLP(nn.Module):
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x, t, labels, gamma=None):
+        from diffusers.models.embeddings import get_timestep_embedding   # here: the GMM alone needs no diffusers
+
         c = None if gamma is None else ms.gamma_features(gamma, self.gamma_kind)      # timestep_cond
         e = self.time_embedding(get_timestep_embedding(t.float(), self.t_dim, downscale_freq_shift=0), c) + self.c_emb(labels)
         h = self.inp(x)
@@ -450,7 +451,7 @@ def main(argv=None):
                   f"   ({r['train_s']:.1f}s)", flush=True)
             if seed == 0:
                 curves0[name], finals0[name] = curve, net
-                deltas0[name] = consistency_error(net, gmm, teacher, sched, a.w)
+                deltas0[name] = consistency_error(net, gmm, teacher, sched, a.w, n=min(a.n_eval, 1000))
         ev0 = ev0 or ev
 
     tab = table(runs, base, floors)
