@@ -172,8 +172,10 @@ def teacher_solve(teacher, x_t, t, s, step: int, cond, uncond, w: float, sched: 
 def sigma_sl_empirical(gamma, alpha_t, sigma_t, alpha_s, sigma_s):
     """sigma'(gamma,t) = (1-gamma) alpha_t/alpha_s sigma_s + gamma sigma_t   (Sec. 4.2, after Eq. 15).
 
-    The main text's choice and ours: exact at both endpoints, and exact on a real ODE sub-path, where x_{t-k} and
-    x_t share one noise direction (notebook 2). Eq. 25's lead-in misprints the last term as gamma * alpha(t)."""
+    The main text's choice and ours: exact at both endpoints, and exact in between when x_{t-k} is ONE DDIM step of
+    the teacher from x_t (then both share its eps: x_{t-k} = alpha_s x0_hat + sigma_s eps). Not exact with multiple
+    estimation or on a real ODE, where eps changes along the way (notebook 2 measures by how much). Eq. 25's
+    lead-in misprints the last term as gamma * alpha(t)."""
     return (1 - gamma) * alpha_t / alpha_s * sigma_s + gamma * sigma_t
 
 
@@ -257,7 +259,8 @@ def sample_timesteps(batch: int, cfg: SPLADConfig, generator=None, device="cpu")
 
 
 def sample_gamma(batch: int, cfg: SPLADConfig, generator=None, device="cpu") -> torch.Tensor:
-    """gamma ~ U[0, 1] (Alg. 1); all ones for LCM (Eq. 7). Ablation: a share of it set to exactly 1."""
+    """gamma ~ U[0, 1] (Alg. 1) with cfg.gamma_one_share of the draws set to exactly 1 (ours: 0.5; the paper: 0);
+    all ones for LCM (Eq. 7)."""
     if cfg.objective == "lcm":
         return torch.ones(batch, device=device)
     gamma = torch.rand(batch, generator=generator, device=device)
@@ -265,7 +268,8 @@ def sample_gamma(batch: int, cfg: SPLADConfig, generator=None, device="cpu") -> 
 
 
 def distance(pred, target, cfg: SPLADConfig):
-    """|.| of Eq. 17: mean squared error, or the pseudo-Huber sqrt(d^2 + c^2) - c of [43]."""
+    """|.| of Eq. 17: mean squared error, or pseudo-Huber sqrt(d^2 + c^2) - c per element, as LCM's script has it
+    (the paper's [43] applies it to the norm of the whole difference)."""
     if cfg.loss == "l2":
         return F_nn.mse_loss(pred.float(), target.float())
     return (((pred.float() - target.float()) ** 2 + cfg.huber_c**2).sqrt() - cfg.huber_c).mean()
@@ -309,8 +313,8 @@ def splad_step(student, target, teacher, x0, cond, uncond, sched: VPSchedule, cf
     under stop-gradient (a LoRA run, as LCM-LoRA). Returns the loss (detached). A non-finite loss or gradient
     raises FloatingPointError before the weights change (under DDP on every rank: gradients are averaged)."""
     B, dev = x0.shape[0], x0.device
-    t = sample_timesteps(B, cfg, generator, dev)                              # t ~ U[k, T] (see sample_timesteps)
-    gamma = sample_gamma(B, cfg, generator, dev)                              # gamma ~ U[0, 1]
+    t = sample_timesteps(B, cfg, generator, dev)                              # t on the k_phi grid (Alg. 1: U[k, T])
+    gamma = sample_gamma(B, cfg, generator, dev)                              # gamma ~ U[0, 1], a share set to 1
     noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)   # z_t's noise
     loss = splad_loss(student, target, teacher, x0, cond, uncond, t, gamma, noise, sched, cfg)   # L(theta, theta^-)
     opt.zero_grad(set_to_none=True)
@@ -331,7 +335,8 @@ def splad_step(student, target, teacher, x0, cond, uncond, sched: VPSchedule, cf
 
 
 def lcm_timesteps(num_steps: int, T: int = 1000, original_steps: int = 50) -> list:
-    """LCM's schedule: `num_steps` evenly indexed points of the k_phi grid, 4 -> 999, 759, 499, 259."""
+    """LCM's schedule: `num_steps` evenly indexed points of the `original_steps` grid {19, 39, ..., 999} (LCM's 50
+    DDIM timesteps), 4 -> 999, 759, 499, 259."""
     if not 1 <= num_steps <= original_steps:
         raise ValueError(f"num_steps={num_steps} must be in [1, {original_steps}]")
     grid = [(i + 1) * (T // original_steps) - 1 for i in range(original_steps)][::-1]
@@ -400,13 +405,13 @@ def _smooth(n):  # Ablation of §5: [sin(pi j gamma), cos(pi j gamma)], j = 1..n
 
 
 # 'fourier16' was this project's first choice, 'fourier4' the low-frequency set. The authors' features have periods
-# down to 2 pi / 10^4 in gamma, so gamma = 1 is an isolated point that gamma ~ U[0, 1] never comes near.
+# from 2 pi / 10^4 to 2 pi in gamma: 65 of their 128 frequencies have periods >= 0.06, the rest down to 6e-4.
 GAMMA_FEATURES.update({"fourier16": (_smooth(16), 32), "fourier4": (_smooth(4), 8)})
 
 
 def with_gamma_one_share(gamma, share: float, generator=None):
-    """Ablation of §6 (ours, the default 0.5): set a share of the gamma draws to exactly 1, so that the gamma = 1
-    network that sampling uses is trained directly; the paper's share is 0 (toy/results/README.md)."""
+    """A share of the gamma draws set to exactly 1 (ours, the default 0.5), so that the gamma = 1 network that
+    sampling uses is trained directly; the paper's share is 0 (toy/results/README.md)."""
     if share == 0:
         return gamma
     ones = torch.rand(gamma.shape, generator=generator, device=gamma.device) < share

@@ -161,3 +161,37 @@ def test_the_readme_finding_is_the_committed_study():
     assert "(2.0-2.5× lower than SPLAM with half of its γ's at 1, 20-27× lower than the paper's SPLAM)" in text
     assert round(min(ratios["SPLAM best"]), 1) == 2.0 and round(max(ratios["SPLAM best"]), 1) == 2.5
     assert round(min(ratios["SPLAM paper"])) == 20 and round(max(ratios["SPLAM paper"])) == 27
+
+
+def test_the_benchmarks_readme_claims_are_its_json():
+    """Each comparison benchmarks/README.md states in words, over the committed JSON it cites."""
+    import numpy as np
+
+    text = " ".join((ROOT / "benchmarks" / "README.md").read_text().split())
+    res = ROOT / "benchmarks" / "results"
+    lc = json.loads((res / "learning_curve.json").read_text())
+    at = lambda m, step, e: next(r for r in lc["summary"][m] if r["step"] == step)[e]  # noqa: E731
+    mean = lambda m, step, e: at(m, step, e)["mean"]  # noqa: E731
+    for m in ("LCM", "SPLAM"):                       # 1 step: k = 100 ME ahead of k = 20; 4 steps: the other way round
+        assert mean(f"{m} k=100 ME", 400, "err_1") < mean(f"{m} k=20", 400, "err_1")
+        assert mean(f"{m} k=100 ME", 400, "err_4") > mean(f"{m} k=20", 400, "err_4")
+        assert (f"{m} {mean(f'{m} k=100 ME', 400, 'err_1'):.3f} vs {mean(f'{m} k=20', 400, 'err_1'):.3f}" in text and
+                f"{m} {mean(f'{m} k=100 ME', 400, 'err_4'):.3f} vs {mean(f'{m} k=20', 400, 'err_4'):.3f}" in text)
+    for k in ("k=20", "k=100 ME"):                   # LCM ahead at 1 and 4 steps at both k
+        assert all(mean(f"LCM {k}", 400, e) < mean(f"SPLAM {k}", 400, e) for e in ("err_1", "err_4"))
+    lcm, spl = at("LCM k=100 ME", 400, "err_2"), at("SPLAM k=100 ME", 400, "err_2")   # "they tie" at 2 steps, k = 100
+    assert abs(lcm["mean"] - spl["mean"]) < lcm["std"] + spl["std"]
+    delta = {(m, kind): np.mean([r["delta"][kind] for r in lc["runs"] if r["method"] == m], 0)
+             for m in lc["summary"] for kind in ("ode", "same_noise")}
+    ts = lc["runs"][0]["delta"]["t"]
+    assert all((np.diff(delta[m, "ode"]) > 0).all() for m in lc["summary"])              # ODE delta grows with t
+    for m in lc["summary"]:
+        same = delta[m, "same_noise"]
+        assert ts[int(np.argmin(same))] in (439, 599) and ts[int(np.argmax(same))] == 919
+    lower = [t for t, a, b in zip(ts, delta["SPLAM k=100 ME", "same_noise"], delta["LCM k=100 ME", "same_noise"]) if a < b]
+    assert lower == [119, 439, 599] and (delta["SPLAM k=100 ME", "ode"] > delta["LCM k=100 ME", "ode"]).all()
+    ratios = []                                      # unfused LoRA sampling vs the exported UNet, same model and steps
+    for full, lora in (("gpu_sd15shapes.json", "gpu_sd15shapeslora.json"), ("gpu_sdxlshapes.json", "gpu_sdxlshapeslora.json")):
+        a, b = (json.loads((res / f).read_text())["latency_s"] for f in (full, lora))
+        ratios += [b[n] / a[n] for n in a]
+    assert f"{min(ratios):.1f}-{max(ratios):.1f}× slower" in text

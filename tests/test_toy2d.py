@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minisplam as ms
-from toy import toy2d
+from toy import measure, toy2d
 from test_core import draws
 
 
@@ -45,6 +45,83 @@ def test_sliced_w2_zero_for_same_set_and_grows_with_shift():
     assert 0 < d1 < d2 and abs(d2 / d1 - 2) < 1e-4                 # SW2 of a pure shift is linear
 
 
+def test_mode_nll_is_the_mixtures_log_density():
+    """mode_nll against torch.distributions' mixture of the class's modes, written independently."""
+    gmm = toy2d.GMM()
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(50) % 2
+    for c in (0, 1):
+        mu = gmm.mu[gmm.mask[c]].double()
+        mix = torch.distributions.MixtureSameFamily(
+            torch.distributions.Categorical(torch.ones(len(mu), dtype=torch.float64)),
+            torch.distributions.Independent(torch.distributions.Normal(mu, gmm.std * torch.ones_like(mu)), 1))
+        ref = -mix.log_prob(x[labels == c].double())
+        assert torch.allclose(toy2d.mode_nll(x, labels, gmm)[labels == c], ref, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def eval800():
+    """The evaluation set of notebook 00 (800 noises under CI): the teacher's samples and the metric's floors."""
+    sched, gmm = ms.sd_schedule(), toy2d.GMM()
+    return toy2d.EvalSet(gmm, toy2d.exact_teacher(gmm, sched), sched, 3.0, 800, seed=0)
+
+
+def _wrong_shapes(ev):
+    """Samples that are visibly wrong, built from the teacher's own set ref_a (same labels)."""
+    g = torch.Generator().manual_seed(2)
+    n, gmm, x = len(ev.labels), ev.gmm, ev.ref_a.clone()
+    ang = torch.rand(n, generator=g) * 2 * math.pi
+    ring = torch.stack([ang.cos(), ang.sin()], 1) * (1 + 0.05 * torch.randn(n, 1, generator=g))
+    u = torch.rand(n, generator=g) * 4                                   # the square through the class's 4 modes
+    corners = torch.stack([gmm.mu[gmm.mask[c]] for c in (0, 1)])          # (2, 4, 2)
+    i = u.long().clamp(max=3)
+    a, b = corners[ev.labels, i], corners[ev.labels, (i + 1) % 4]
+    square = a + (u - i)[:, None] * (b - a)
+    blob = 0.7 * torch.randn(n, 2, generator=g)
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])                         # 90 degrees: a class's mode to the next
+    first = (x - gmm.mu[ev.labels * 1]).norm(dim=1) < 0.4                  # points of mode 0 (class 0) / mode 1 (class 1)
+    dropped = torch.where(first[:, None], x @ rot.T, x)                  # that mode emptied into its neighbour
+    second = (x - gmm.mu[ev.labels + 2]).norm(dim=1) < 0.4
+    heavy = torch.where((second & (torch.rand(n, generator=g) < 0.6))[:, None], x @ rot, x)   # 40/10/25/25 weights
+    centres = gmm.mu[((x[:, None] - gmm.mu[None]) ** 2).sum(-1).masked_fill(~gmm.mask[ev.labels], 9).argmin(1)]
+    return {"ring": ring, "square": square, "blob": blob}, {"one mode dropped": dropped, "wrong weights": heavy}, centres
+
+
+def test_mode_metric_sees_modes_and_shape_where_sw2_cannot(eval800):
+    """At notebook 00's sample size: a second teacher set scores within the floors; a ring, a square outline and a
+    blob score far outside the NLL floor; a dropped mode and wrong weights far outside the split floor; points
+    collapsed onto the mode centres score a NEGATIVE excess (sharper than the teacher). SW2 scores the ring at its
+    own floor: the reason the toy's metric changed."""
+    ev = eval800
+    teacher_b = ev.modes(ev.ref_a)
+    assert abs(teacher_b["nll"]) < 3 * ev.nll_floor and teacher_b["split"] < 3 * ev.split_floor
+    shapes, weights, centres = _wrong_shapes(ev)
+    for name, x in shapes.items():
+        assert ev.modes(x)["nll"] > 50 * ev.nll_floor, name
+    for name, x in weights.items():
+        m = ev.modes(x)
+        assert m["split"] > 3 * ev.split_floor and m["split"] > 0.1, (name, m)
+    assert ev.modes(centres)["nll"] < -10 * ev.nll_floor
+    assert ev.sw2(shapes["ring"]) < 1.2 * ev.noise_floor                 # SW2: the ring looks like the teacher
+
+
+def test_mode_metric_floors_match_monte_carlo(eval800):
+    """nll_floor is the spread of the NLL excess of fresh teacher sets, split_floor the mean split of samples drawn
+    with the true weights: both checked against independent draws."""
+    ev, gmm = eval800, eval800.gmm
+    sched = ms.sd_schedule()
+    excess = []
+    for seed in range(6):
+        x_T = torch.randn(len(ev.labels), 2, generator=torch.Generator().manual_seed(100 + seed))
+        x = measure.ode_sample(ev.teacher, x_T, ev.labels, ev.uncond, ev.w, sched, 200)
+        excess.append(ev.modes(x)["nll"])
+    std = torch.tensor(excess).pow(2).mean().sqrt().item()                   # RMS excess around 0
+    assert 0.4 * ev.nll_floor < std < 2.0 * ev.nll_floor
+    g = torch.Generator().manual_seed(3)
+    splits = [toy2d.mode_split(gmm.sample(ev.labels, g), ev.labels, gmm) for _ in range(40)]
+    assert abs(sum(splits) / len(splits) - ev.split_floor) < 0.25 * ev.split_floor
+
+
 def test_gamma_path_vanishes_at_one_in_the_student():
     net = toy2d.MLP()
     torch.nn.init.normal_(net.time_embedding.cond_proj.weight)
@@ -61,8 +138,9 @@ def test_smoke_run_writes_json_and_png(tmp_path):
     assert set(data["runs"]) == {"LCM k=20", "SPLAM k=20", "DL k=20"}
     assert {"DDIM", "DPM-Solver++(2M)"} <= set(data["baselines"])
     r = data["runs"]["SPLAM k=20"][0]
-    assert all(r[k] > 0 for k in ("sw2_1", "sw2_2", "sw2_4", "err_1step"))
-    assert data["noise_floor"][0] > 0 and rep["delta_seed0"]["SPLAM k=20"]["t"][0] == 119
+    assert all(r[k] > 0 for k in ("sw2_1", "sw2_2", "sw2_4", "err_1step", "split_4")) and "nll_4" in r
+    assert data["noise_floor"]["nll"][0] > 0 and data["noise_floor"]["split"][0] > 0
+    assert rep["delta_seed0"]["SPLAM k=20"]["t"][0] == 119 and len(rep["verdict"]) == 0   # not every k was run
 
 
 # --- the convergence study (toy/study.py): plumbing, not its numbers ----------------------------

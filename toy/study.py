@@ -128,10 +128,34 @@ def run_group(task):
                                 anneal=a.get("anneal", False))
         res = t2.evaluate(net, ev, sched, seed)
         ok, last, prev = converged(curve)
+        delta = t2.consistency_error(net, gmm, teacher, sched, a["w"], n=1000, seed=seed)       # Fig. 2c, k = 20
+        save_student(task["cache"], a, teacher_kind, width, seed, name, net)
         out.append({"teacher": teacher_kind, "width": width, "seed": seed, "method": name, "spec": task["methods"][name],
-                    **res, "noise_floor": ev.noise_floor, "converged": ok, "err1_last20": last, "err1_prev20": prev,
-                    "curve": curve, "wall_s": time.perf_counter() - t0})
+                    **res, "noise_floor": ev.noise_floor, "nll_floor": ev.nll_floor, "split_floor": ev.split_floor,
+                    "nll_teacher": ev.nll_teacher, "converged": ok, "err1_last20": last, "err1_prev20": prev,
+                    "curve": curve, "delta": delta, "wall_s": time.perf_counter() - t0})
     return out
+
+
+def student_path(cache: Path, a, teacher_kind, width, seed, name) -> Path:
+    """Where a run's final EMA student is kept (git-ignored cache), so that a new metric needs no retraining."""
+    tag = f"i{a['iters']}-lr{a['lr']:g}{'-cos' if a.get('anneal') else ''}"
+    return cache / "students" / f"{teacher_kind}-w{width}-s{seed}-{tag}-{name.replace(' ', '_')}.pt"
+
+
+def save_student(cache: Path, a, teacher_kind, width, seed, name, net):
+    f = student_path(cache, a, teacher_kind, width, seed, name)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, f)
+
+
+def load_student(cache: Path, a, teacher_kind, width, seed, name, spec) -> "t2.MLP":
+    """The saved EMA student of a run (save_student), as an MLP with the run's gamma path."""
+    net = t2.MLP(width, gamma_kind=spec.get("gamma_features", "authors"))
+    net.load_state_dict(torch.load(student_path(cache, a, teacher_kind, width, seed, name), weights_only=True))
+    return net
 
 
 def _pretrain(job):
@@ -165,8 +189,11 @@ def save(path: Path, report: dict):
     os.replace(tmp, path)
 
 
-def run_tasks(tasks, report, path, workers, cache):
-    done = {key(r) for r in report["runs"]}
+def run_tasks(tasks, report, path, workers, cache, remeasure=False):
+    """Run every (task, method) not yet in the report, saving the JSON after each. remeasure: also rerun the runs
+    saved before the mode metric and the saved students existed (training is deterministic, so the rerun
+    reproduces their 1-step error), replacing them."""
+    done = {key(r) for r in report["runs"] if "nll_1" in r or not remeasure}
     todo = []
     for task in tasks:
         left = {n: s for n, s in task["methods"].items()
@@ -177,7 +204,8 @@ def run_tasks(tasks, report, path, workers, cache):
     todo = [{**t, "methods": {n: s}} for t in todo for n, s in t["methods"].items()]
     with ProcessPoolExecutor(workers) as pool:
         for res in pool.map(run_group, todo):
-            report["runs"] += res
+            new = {key(r) for r in res}
+            report["runs"] = [r for r in report["runs"] if key(r) not in new] + res      # a remeasured run replaces
             save(path, report)
             for r in res:
                 print(f"{key(r):<48} err1 {r['err_1step']:.4f}  sw2 1/2/4 {r['sw2_1']:.4f} {r['sw2_2']:.4f} "
@@ -196,8 +224,11 @@ def summary(report):
         groups.setdefault((r["teacher"], r["width"], r["method"]), []).append(r)
     rows = []
     for (teacher, width, method), rs in groups.items():
+        metrics = [m for m in ("err_1step", "fixed_point_err", "sw2_1", "sw2_2", "sw2_4", "noise_floor", "nll_1",
+                               "nll_2", "nll_4", "split_1", "split_2", "split_4", "nll_floor", "split_floor")
+                   if all(m in r for r in rs)]                      # the mode metric: runs since the ablation study
         rows.append({"teacher": teacher, "width": width, "method": method, "seeds": sorted(r["seed"] for r in rs),
-                     **{m: stats([r[m] for r in rs]) for m in ("err_1step", "fixed_point_err", "sw2_1", "sw2_2", "sw2_4", "noise_floor")},
+                     **{m: stats([r[m] for r in rs]) for m in metrics},
                      "converged": sum(r["converged"] for r in rs)})
     return rows
 
@@ -295,12 +326,15 @@ def anneal_study(a, settings):
     best = json.loads((RESULTS / "study2d.json").read_text())["best_variant"]["spec"]    # the committed screen's
     methods = {"LCM k=20": dict(objective="lcm", k=20), "SPLAM paper k=20": {**PAPER, "k": 20},
                "SPLAM best k=20": {**best, "k": 20}}
+    u_methods = {"u-ablation k=20": dict(objective="splam", gamma_one_share=0.0, u_ablation=True, k=20),
+                 "u-ablation half k=20": dict(objective="splam", gamma_one_share=0.5, u_ablation=True, k=20)}
     report = json.loads(path.read_text()) if path.is_file() else {}
     settings = {**settings, "anneal": True}
     old = {k: v for k, v in report.get("settings", settings).items() if k != "budgets"}
     if old != settings:
         raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
     budgets = tuple(sorted(set(budgets) | set(report.get("settings", {}).get("budgets", []))))
+    u_budgets = budgets[:2]                         # the u ablation: the two smallest budgets (a doubling)
     settings["budgets"] = list(budgets)
     report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
     t0 = time.perf_counter()
@@ -309,12 +343,15 @@ def anneal_study(a, settings):
         list([] if a.report else pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, 128)
                                                        for s in range(settings["seeds"])]))
     first = ("LCM k=20", "SPLAM best k=20")       # the pair that decides the comparison runs first on every seed,
+    tag = lambda n: f"cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}"
     tasks = [{"args": {**settings, "iters": n, "eval_every": max(n // (4 if q else 40), 1)}, "teacher": "exact",
-              "width": 128, "seed": s, "methods": {f"{m} cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}": v
-                                                   for m, v in methods.items() if (m in first) == lead}}
+              "width": 128, "seed": s, "methods": {f"{m} {tag(n)}": v for m, v in methods.items() if (m in first) == lead}}
              for n in budgets for lead in (True, False) for s in range(settings["seeds"])]   # so a cut run stays paired
+    tasks += [{"args": {**settings, "iters": n, "eval_every": max(n // (4 if q else 40), 1)}, "teacher": "exact",
+               "width": 128, "seed": s, "methods": {f"{m} {tag(n)}": v for m, v in u_methods.items()}}
+              for n in u_budgets for s in range(settings["seeds"])]
     if not a.report:
-        run_tasks(tasks, report, path, a.workers, cache)
+        run_tasks(tasks, report, path, a.workers, cache, remeasure=a.remeasure)
     report["wall_s"] += 0 if a.report else time.perf_counter() - t0
     fixed_points(report, cache)
     report["summary"] = summary(report)
@@ -341,6 +378,87 @@ def anneal_study(a, settings):
     return report
 
 
+def ablation_methods():
+    """The headline comparison and every ablation of it, named for what each is (toy/results/README.md):
+    'SPLAM paper' is the paper's text (sigma', gamma ~ U[0, 1]); 'SPLAM authors' the authors' script (Eq. 24's
+    closed-form sigma, gamma ~ U[0, 1]); 'SPLAM ours' minisplam's default (sigma', half of the gammas at 1; the
+    main study's 'SPLAM best'); 'half': the same with half of the gammas at exactly 1; the u ablation and the DL-ODE
+    at both shares; k = 100 without multiple estimation for LCM and SPLAM ours."""
+    half = dict(gamma_one_share=0.5)
+    base = {"LCM": dict(objective="lcm"), "SPLAM paper": PAPER, "SPLAM ours": {**PAPER, **half},
+            "SPLAM authors": {**PAPER, "objective": "splam-closed"},
+            "SPLAM authors half": {**PAPER, "objective": "splam-closed", **half},
+            "DL": {**PAPER, "objective": "dl"}, "DL half": {**PAPER, "objective": "dl", **half},
+            "u-ablation": dict(objective="splam", gamma_one_share=0.0, u_ablation=True),
+            "u-ablation half": dict(objective="splam", u_ablation=True, **half)}
+    ks = {"k=20": dict(k=20), "k=100 ME": dict(k=100)}
+    out = {f"{m} {kn}": {**spec, **kv} for m, spec in base.items() for kn, kv in ks.items()}
+    out.update({f"{m} k=100 noME": {**base[m], "k": 100, "multiple_estimation": False} for m in ("LCM", "SPLAM ours")})
+    return out
+
+
+HEADLINE = ("LCM", "SPLAM paper", "SPLAM ours")     # re-measured first: the comparison the README states
+
+
+def ablation_study(a, settings):
+    """The main study's headline methods re-run with the mode metric (EvalSet.modes), every final student and its
+    delta(t) kept, and the ablations that separate the causes: the u ablation and the DL-ODE at gamma-share 0 and
+    0.5, the authors' closed-form sigma (Eq. 24) at both shares, k = 100 without multiple estimation.
+    Same settings as the main study (constant lr, 10,000 iterations, exact teacher, 128 wide, 3 seeds)."""
+    q = a.quick
+    path = a.out / ("study2d_ablations_quick.json" if q else "study2d_ablations.json")
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    if report.get("settings", settings) != settings:
+        raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
+    report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
+    cache, t0 = a.out / "cache", time.perf_counter()
+    methods = ablation_methods()
+    if q:
+        methods = {n: s for n, s in methods.items() if n.rsplit(" k=", 1)[0] in HEADLINE + ("SPLAM authors", "u-ablation half")}
+    first = {n: s for n, s in methods.items() if n.rsplit(" k=", 1)[0] in HEADLINE}
+    rest = {n: s for n, s in methods.items() if n not in first}
+    seeds = range(settings["seeds"])
+    tasks = [{"args": settings, "teacher": "exact", "width": 128, "seed": s, "methods": m}
+             for m in (first, rest) for s in seeds]
+    if not a.report:
+        with ProcessPoolExecutor(a.workers) as pool:
+            list(pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, 128) for s in seeds]))
+        run_tasks(tasks, report, path, a.workers, cache)
+    report["wall_s"] += 0 if a.report else time.perf_counter() - t0
+    fixed_points(report, cache)
+    report["summary"] = summary(report)
+    report["baselines"] = reference_rows(settings, seeds, cache)
+    report["command"] = f"python toy/study.py --ablations{' --quick' if q else ''}"
+    report["table"] = modes_table(report["summary"])
+    save(path, report)
+    print(report["table"])
+    return report
+
+
+def reference_rows(settings, seeds, cache):
+    """What distillation is measured against, per seed: diffusers' DDIM and DPM-Solver++(2M) at 1, 2 and 4 steps
+    (training-free), and the undistilled pre-trained checkpoint sampled with the consistency sampler."""
+    out = {}
+    for s in seeds:
+        pre, ev = evaluation_set(settings, "exact", 128, s, cache)
+        rows = {**t2.baselines(ev, ev.sched), "pre-trained (no distillation)": t2.evaluate(pre, ev, ev.sched, s)}
+        for name, r in rows.items():
+            out.setdefault(name, []).append({"seed": s, **r})
+    return out
+
+
+def modes_table(rows):
+    """Markdown: the 1-step error and the mode metric (NLL excess, mode split) at 1, 2 and 4 steps, with floors."""
+    f = lambda s, d=3: f"{s['mean']:.{d}f} ± {s['std']:.{d}f}"
+    lines = ["| method | 1-step error | NLL excess 1 / 2 / 4 steps (nats) | mode split 1 / 2 / 4 steps | floors: NLL, split |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {f(r['err_1step'])} | {f(r['nll_1'], 2)} / {f(r['nll_2'], 2)} / {f(r['nll_4'], 2)} | "
+                     f"{f(r['split_1'])} / {f(r['split_2'])} / {f(r['split_4'])} | {r['nll_floor']['mean']:.3f}, "
+                     f"{r['split_floor']['mean']:.3f} |")
+    return "\n".join(lines)
+
+
 def doubling(report, budgets):
     """Markdown: each method's final 1-step error at every annealed budget, the change from the budget before (the
     plateau test: converged when doubling changes it by less than 5%), the lowest error on its training curve (1,000
@@ -359,7 +477,7 @@ def doubling(report, budgets):
 
     lines = ["| method | budget (its) | final 1-step error | vs LCM | change from half the budget | converged (< 5%) "
              "| lowest on the curve (at) | LCM as good by (its) |", "|---|---|---|---|---|---|---|---|"]
-    for m in ("LCM k=20", "SPLAM best k=20", "SPLAM paper k=20"):
+    for m in ("LCM k=20", "SPLAM best k=20", "SPLAM paper k=20", "u-ablation half k=20", "u-ablation k=20"):
         for i, n in enumerate(budgets):
             e, lcm, prev = err(m, n), err("LCM k=20", n), err(m, budgets[i - 1]) if i else None
             if e is None:
@@ -381,6 +499,11 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--ablations", action="store_true", help="the headline methods re-measured with the mode metric, "
+                   "and the ablations (u, DL, closed-form sigma, each at gamma-share 0 and 0.5; k=100 without ME): "
+                   "study2d_ablations.json")
+    p.add_argument("--remeasure", action="store_true", help="--anneal: rerun the runs saved before the mode metric "
+                   "(their 1-step error is reproduced exactly) to add it and keep their students")
     p.add_argument("--report", action="store_true", help="only summarise the runs already in the JSON (table, figure)")
     p.add_argument("--anneal", action="store_true", help="the convergence check: LCM and both SPLAMs (k=20, exact "
                    "teacher) with the lr cosine-decayed to 0 over each of --budgets (study2d_anneal.json)")
@@ -397,8 +520,12 @@ def main(argv=None):
                 "eval_every": 10 if q else 250, "lr": a.lr, "batch": 256, "w": 3.0, "n_eval": 200 if q else 16000,
                 "pretrain_iters": 50 if q else 4000, "long_iters": 40 if q else 30000, "seeds": a.seeds or (1 if q else 3), "widths": [128] if q else [128, 256]}
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.anneal and a.ablations:
+        p.error("--anneal and --ablations are separate studies: give one")
     if a.anneal:
         return anneal_study(a, settings)
+    if a.ablations:
+        return ablation_study(a, settings)
     path = a.out / ("study2d_quick.json" if q else "study2d.json")
     report = json.loads(path.read_text()) if path.is_file() else {}
     if report.get("settings", settings) != settings:

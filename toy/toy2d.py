@@ -148,8 +148,45 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0
 
 
 def class_sw2(x, ref, labels) -> float:
-    """SW2 per class (x and ref share `labels`), averaged over the two classes."""
+    """SW2 per class (x and ref share `labels`), averaged over the two classes. On a few thousand points it is
+    dominated by how many points land in each far-apart mode, so it cannot tell modes from a ring through them
+    (tests/test_toy2d.py): the toy's distribution metric is mode_scores."""
     return sum(sliced_w2(x[labels == c], ref[labels == c]) for c in (0, 1)) / 2
+
+
+def mode_nll(x, labels, gmm: GMM) -> torch.Tensor:
+    """-log p(x | class) under the class's TRUE mixture (equal weights over its modes), per point, in nats."""
+    var = gmm.std**2
+    d2 = ((x[:, None, :].double() - gmm.mu[None].double()) ** 2).sum(-1)            # (N, M)
+    log_n = (-d2 / (2 * var) - math.log(2 * math.pi * var)).masked_fill(~gmm.mask[labels], -float("inf"))
+    return -(torch.logsumexp(log_n, 1) - gmm.mask[labels].sum(1).double().log())
+
+
+def mode_split(x, labels, gmm: GMM) -> float:
+    """Coverage: the total-variation distance between the share of a class's samples nearest each of its modes and
+    the modes' weights (1/4 each; the guided teacher keeps them equal by the mixture's symmetry), averaged over the
+    two classes. 0: every mode gets its share; 0.25: one of the four modes is empty; 0.75: all in one mode."""
+    d2 = ((x[:, None, :] - gmm.mu[None]) ** 2).sum(-1).masked_fill(~gmm.mask[labels], float("inf"))
+    nearest = d2.argmin(1)
+    tv = []
+    for c in (0, 1):
+        counts = torch.bincount(nearest[labels == c], minlength=len(gmm.mu))[gmm.mask[c]].double()
+        tv.append(0.5 * (counts / counts.sum() - 1 / len(counts)).abs().sum().item())
+    return sum(tv) / 2
+
+
+def mode_split_floor(labels, gmm: GMM, draws: int = 2000, seed: int = 0) -> float:
+    """mode_split's noise floor: its mean for samples that split over the modes exactly as the true weights say
+    (multinomial counts of the same class sizes; Monte Carlo)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tv = 0.0
+    for c in (0, 1):
+        m, n = int(gmm.mask[c].sum()), int((labels == c).sum())
+        share = rng.multinomial(n, [1 / m] * m, size=draws) / n                          # (draws, m)
+        tv += 0.5 * np.abs(share - 1 / m).sum(1).mean() / 2
+    return float(tv)
 
 
 def student_eps(net):
@@ -202,11 +239,28 @@ class EvalSet:
             self.ref_a = measure.ode_sample(teacher, self.x_T, self.labels, uncond, w, sched, ode_steps)
             self.ref_b = measure.ode_sample(teacher, x_T_b, self.labels, uncond, w, sched, ode_steps)
         self.noise_floor = class_sw2(self.ref_a, self.ref_b, self.labels)
-        self.teacher, self.sched, self.w, self.uncond, self.ode_steps = teacher, sched, w, uncond, ode_steps
+        self.gmm, self.teacher, self.sched, self.w, self.uncond, self.ode_steps = gmm, teacher, sched, w, uncond, ode_steps
+        self.nll_teacher = mode_nll(self.ref_b, self.labels, gmm).mean().item()
+        self.nll_floor, self.split_floor = self.floors()
+
+    def floors(self, sub=slice(None)):
+        """The noise floors of modes() on the points `sub`: for 'nll', the std of the difference of two independent
+        teacher sets' mean NLL (from ref_a and ref_b); for 'split', mode_split_floor."""
+        lab = self.labels[sub]
+        nll_a, nll_b = mode_nll(self.ref_a[sub], lab, self.gmm), mode_nll(self.ref_b[sub], lab, self.gmm)
+        return ((nll_a.var() + nll_b.var()) / len(lab)).sqrt().item(), mode_split_floor(lab, self.gmm)
 
     def sw2(self, x):
         """Against the *independent* reference set, so the floor is comparable."""
         return class_sw2(x, self.ref_b, self.labels)
+
+    def modes(self, x, sub=slice(None)) -> dict:
+        """The toy's distribution metric: 'nll', the mean NLL of x under its class's true mixture minus that of an
+        independent teacher set (0: the teacher's quality; the floor is nll_floor), and 'split', mode_split
+        (coverage; floor split_floor). On a subset `sub` the floors are floors(sub)."""
+        lab = self.labels[sub]
+        return {"nll": mode_nll(x, lab, self.gmm).mean().item() - mode_nll(self.ref_b[sub], lab, self.gmm).mean().item(),
+                "split": mode_split(x, lab, self.gmm)}
 
     def ode(self, sub=slice(None)):
         """ode(x, t) for toy.measure.few_step_errors: the teacher's ODE output from x at t, on the grid of ref_a.
@@ -260,7 +314,7 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if anneal else None
     uncond = torch.full((batch,), NULL)
-    curve = {"iter": [], "train_s": [], "err_1": [], "sw2_1": [], "sw2_4": []}
+    curve = {"iter": [], "train_s": [], "err_1": [], "sw2_1": [], "sw2_4": [], "nll_1": [], "nll_4": [], "split_4": []}
     train_s = 0.0
 
     def log(it):
@@ -270,6 +324,9 @@ def distill(name, pre, gmm, teacher, sched, ev: EvalSet, iters, seed, w, lr, bat
         x[4] = few_step_samples(target, ev, sched, 4, seed, sub)
         for steps in (1, 4):
             curve[f"sw2_{steps}"].append(class_sw2(x[steps], ev.ref_b[sub], lab))
+            m = ev.modes(x[steps], sub)
+            curve[f"nll_{steps}"].append(m["nll"])
+        curve["split_4"].append(m["split"])
         curve["err_1"].append(err[1])
         curve["iter"].append(it)
         curve["train_s"].append(train_s)
@@ -295,8 +352,14 @@ def few_step_samples(net, ev: EvalSet, sched, steps: int, seed: int, sub=slice(N
 
 
 def evaluate(net, ev: EvalSet, sched, seed):
+    """The 1-step error to the teacher's ODE, and for 1, 2 and 4 steps the mode metric (nll_n, split_n: EvalSet.modes)
+    and SW2 (sw2_n, kept for the older results)."""
     err, _ = measure.few_step_errors(student_eps(net), ev.x_T, ev.labels, sched, ev.ode(), (1,), seed)
-    return {"err_1step": err[1], **{f"sw2_{n}": ev.sw2(few_step_samples(net, ev, sched, n, seed)) for n in (1, 2, 4)}}
+    out = {"err_1step": err[1]}
+    for n in (1, 2, 4):
+        x = few_step_samples(net, ev, sched, n, seed)
+        out.update({f"{m}_{n}": v for m, v in ev.modes(x).items()}, **{f"sw2_{n}": ev.sw2(x)})
+    return out
 
 
 def baselines(ev: EvalSet, sched):
@@ -320,6 +383,7 @@ def baselines(ev: EvalSet, sched):
         for steps in (1, 2, 4):
             x = measure.scheduler_sample(make(), eps_fn, ev.x_T, steps)
             res[name][f"sw2_{steps}"] = ev.sw2(x)
+            res[name].update({f"{m}_{steps}": v for m, v in ev.modes(x).items()})
             if steps == 1:
                 res[name]["err_1step"] = ev.one_step_error(x)
     return res
@@ -341,26 +405,29 @@ def fmt(vals):
 
 
 def table(runs, base, floors):
-    """runs[name] -> list over seeds of {sw2_1, sw2_2, sw2_4, err_1step, train_s}."""
-    cols = ["sw2_1", "sw2_2", "sw2_4", "err_1step"]
-    lines = [f"{'method':<24}" + "".join(f"{c:>18}" for c in cols) + f"{'train s':>10}"]
+    """runs[name] -> list over seeds of evaluate()'s dict (+ train_s); floors: one (nll, split) floor per seed."""
+    cols = ["nll_1", "nll_2", "nll_4", "split_1", "split_4", "err_1step"]
+    lines = [f"{'method':<24}" + "".join(f"{c:>16}" for c in cols) + f"{'train s':>10}"]
     for name, per_seed in {**base, **runs}.items():
-        row = f"{name:<24}" + "".join(f"{fmt([r[c] for r in per_seed]):>18}" for c in cols)
+        row = f"{name:<24}" + "".join(f"{fmt([r[c] for r in per_seed]):>16}" for c in cols)
         ts = [r["train_s"] for r in per_seed if "train_s" in r]
         lines.append(row + (f"{mean_std(ts)[0]:>10.1f}" if ts else f"{'-':>10}"))
-    lines.append(f"{'noise floor (ref/ref)':<24}{fmt(floors):>18}   (SW2 between two independent teacher sets)")
+    lines.append(f"{'noise floor':<24}" + f"{fmt([f[0] for f in floors]):>16}" * 3 + f"{fmt([f[1] for f in floors]):>16}" * 2
+                 + "   (NLL: std of two teacher sets' difference; split: a perfect split's sampling noise)")
     return "\n".join(lines)
 
 
-def verdict(runs):
-    """Plain statement: does SPLAM beat LCM at equal k and estimation, per step count?"""
+def verdict(runs, floors):
+    """Plain statement per k and step count: SPLAM vs LCM by the NLL excess (EvalSet.modes), a tie when the two are
+    closer than twice the NLL floor."""
     out = []
+    floor = max(f[0] for f in floors)
     for k in ("k=20", "k=100 ME", "k=100 noME"):
         for steps in (1, 2, 4):
-            c = f"sw2_{steps}"
-            s, l = mean_std([r[c] for r in runs[f"SPLAM {k}"]]), mean_std([r[c] for r in runs[f"LCM {k}"]])
-            word = "beats" if s[0] < l[0] else "does NOT beat"
-            out.append(f"SPLAM {k} {word} LCM {k} at {steps} step(s): SW2 {s[0]:.4f} vs {l[0]:.4f}")
+            c = f"nll_{steps}"
+            s, l = mean_std([r[c] for r in runs[f"SPLAM {k}"]])[0], mean_std([r[c] for r in runs[f"LCM {k}"]])[0]
+            word = "ties with" if abs(s - l) < 2 * floor else ("beats" if s < l else "does NOT beat")
+            out.append(f"SPLAM {k} {word} LCM {k} at {steps} step(s): NLL excess {s:.3f} vs {l:.3f} (floor {floor:.3f})")
     return out
 
 
@@ -433,7 +500,7 @@ def main(argv=None):
     base, floors, curves0, deltas0, finals0, ev0 = {}, [], {}, {}, {}, None
     for seed in range(seeds):
         ev = EvalSet(gmm, teacher, sched, a.w, a.n_eval, seed)
-        floors.append(ev.noise_floor)
+        floors.append((ev.nll_floor, ev.split_floor))
         for bname, r in baselines(ev, sched).items():
             base.setdefault(bname, []).append(r)
         t0 = time.perf_counter()
@@ -447,7 +514,7 @@ def main(argv=None):
             r = evaluate(net, ev, sched, seed)
             r["train_s"] = curve["train_s"][-1]
             runs[name].append(r)
-            print(f"[seed {seed}] {name:<18} SW2 1/2/4 = {r['sw2_1']:.4f} {r['sw2_2']:.4f} {r['sw2_4']:.4f}"
+            print(f"[seed {seed}] {name:<18} NLL excess 1/2/4 = {r['nll_1']:.3f} {r['nll_2']:.3f} {r['nll_4']:.3f}"
                   f"   ({r['train_s']:.1f}s)", flush=True)
             if seed == 0:
                 curves0[name], finals0[name] = curve, net
@@ -455,18 +522,19 @@ def main(argv=None):
         ev0 = ev0 or ev
 
     tab = table(runs, base, floors)
-    words = verdict(runs) if all(f"{m} {k}" in runs for m in ("SPLAM", "LCM")
+    words = verdict(runs, floors) if all(f"{m} {k}" in runs for m in ("SPLAM", "LCM")
                                  for k in ("k=20", "k=100 ME", "k=100 noME")) else []
     report = {
         "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                      "seeds": seeds, "iters": iters, "pretrain_iters": pre_iters},
-        "noise_floor": floors, "baselines": base, "runs": runs,
+        "noise_floor": {"nll": [f[0] for f in floors], "split": [f[1] for f in floors]}, "baselines": base, "runs": runs,
         "curves_seed0": curves0, "delta_seed0": deltas0, "verdict": words,
         "wall_s": time.perf_counter() - t_start,
     }
     (a.out / "toy2d.json").write_text(json.dumps(report, indent=1))
     plot(a.out / "toy2d.png", ev0, finals0, curves0, deltas0, sched, 0)
-    print("\nSliced W2 to the teacher's 200-step ODE samples (lower is better), "
+    print("\nNLL excess (nats over the teacher's own samples, under the true class mixture) at 1/2/4 steps, mode split "
+          "(0 = every mode its share), 1-step error to the teacher's ODE; lower is better, "
           f"w={a.w}, {iters} iterations, {seeds} seed(s); baselines count one guided step per step:\n")
     print(tab)
     print("\n" + "\n".join(words))
