@@ -168,24 +168,27 @@ def test_study_anneal_quick_runs_both_budgets_and_resumes(tmp_path):
 
     rep = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "study2d_anneal_quick.json").read_text())
-    assert {r["method"] for r in data["runs"]} == {f"{m} k=20 cos{n}" for m in ("LCM", "SPLAM paper", "SPLAM best")
+    assert {r["method"] for r in data["runs"]} == {f"{m} k=20 cos{n}" for m in ("LCM", "SPLAM paper", "SPLAM best",
+                                                                              "u-ablation", "u-ablation half")
                                                    for n in (20, 40)}
-    assert [len(r["curve"]["iter"]) for r in data["runs"]] == [5] * 6 and data["settings"]["anneal"]
-    assert rep["doubling"].count("\n| ") == 6 and rep["doubling"].count("% |") == 3
+    assert [len(r["curve"]["iter"]) for r in data["runs"]] == [5] * 10 and data["settings"]["anneal"]
+    assert rep["doubling"].count("\n| ") == 10 and rep["doubling"].count("% |") == 5
+    assert (tmp_path / "study2d_anneal_quick.png").stat().st_size > 10_000 and all("nll_1" in r for r in data["runs"])
     for r in data["runs"]:                       # the lowest point of each (1-seed) curve, and where it was
         i = min(range(5), key=r["curve"]["err_1"].__getitem__)
         row = next(l for l in rep["doubling"].splitlines() if l.startswith(f"| {r['method'].rsplit(' cos', 1)[0]} | "
                                                                             f"{r['curve']['iter'][-1]} |"))
         assert f"| {r['curve']['err_1'][i]:.3f} ({100 * i / 4:.0f}%) |" in row
     again = study.main(["--quick", "--anneal", "--workers", "1", "--out", str(tmp_path)])
-    assert len(again["runs"]) == 6 and again["table"] == rep["table"]
+    assert len(again["runs"]) == 10 and again["table"] == rep["table"]
     before = (tmp_path / "study2d_anneal_quick.json").read_bytes()
     hot = study.main(["--quick", "--anneal", "--lr", "3e-3", "--workers", "1", "--out", str(tmp_path)])
     assert (tmp_path / "study2d_anneal_quick.json").read_bytes() == before     # another lr: its own JSON
     assert json.loads((tmp_path / "study2d_anneal_lr0.003_quick.json").read_text())["settings"]["lr"] == 3e-3
     assert hot["command"].endswith("--lr 0.003")
     err = lambda r: {(x["method"], x["seed"]): x["err_1step"] for x in r["runs"]}
-    assert all(abs(err(hot)[m] - e) > 1e-6 for m, e in err(rep).items())  # the lr reached the optimiser
+    assert len(hot["runs"]) == 6 and all(abs(e - err(rep)[m]) > 1e-6 for m, e in err(hot).items())  # lr reached
+    # the optimiser; the u ablation runs at the main study's lr only
     with pytest.raises(SystemExit) as e:
         study.main(["--quick", "--lr", "3e-3", "--out", str(tmp_path)])    # the main study's lr is fixed
     assert e.value.code == 2

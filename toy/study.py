@@ -285,16 +285,22 @@ def write_readme(report, readme: Path, name="study2d", cmd="python toy/study.py 
 
 
 def plot(report, path: Path):
+    """The study's curves, mean over seeds: 1-step error (top) and 4-step SW2 (bottom) per setting. Colour = method
+    (toy.palette), line style = k; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from toy import palette
 
     panels = [p for p in (("exact", 128, "k=20"), ("exact", 128, "k=100 ME"), ("learned", 128, "k=20"),
                           ("exact", 256, "k=20"),
                           ("exact", 128, "long"))
               if any((r["teacher"], r["width"]) == p[:2] and r["method"].endswith(p[2]) for r in report["runs"])]
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.4 * len(panels), 8), squeeze=False)
+    families, seeds = {}, set()
     for j, (teacher, width, k) in enumerate(panels):
         for metric, ax in zip(("err_1", "sw2_4"), axes[:, j]):
             curves = {}
@@ -303,15 +309,27 @@ def plot(report, path: Path):
                     curves.setdefault(r["method"], []).append(r["curve"])
             for name, cs in sorted(curves.items()):
                 y = torch.tensor([c[metric] for c in cs]).mean(0)
-                ax.plot(cs[0]["iter"], y, label=f"{name} ({len(cs)} seed{'s' * (len(cs) > 1)})")
+                ax.plot(cs[0]["iter"], y, lw=1.3, **palette.style(name))
+                families.setdefault(name.split(" k=")[0], name)
+                seeds.add(len(cs))
+            if metric == "sw2_4":
+                ax.axhspan(0.11, 0.17, color="0.87", lw=0)
             ax.set_yscale("log")
-            ax.set_xlabel("iteration", fontsize=11)
-            ax.set_ylabel("1-step error |F(x_T) - ODE(x_T)|" if metric == "err_1" else
-                          "4-step SW2, 1000 points (floor 0.14±0.03)", fontsize=11)
+            ax.set_xlabel("distillation iteration", fontsize=11)
+            ax.set_ylabel("1-step error |F(x_T) − ODE(x_T)| (data units)" if metric == "err_1" else
+                          "4-step SW2, 1000 points (data units)", fontsize=11)
             ax.set_title(f"{teacher} teacher, width {width}, " + ("k=20, 3x budget" if k == "long" else k), fontsize=11)
-            ax.legend(fontsize=8)
+            ax.tick_params(labelsize=10)
+    labels = {"SPLAM best": "SPLAM best (ours: half of the γ's at 1)", "SPLAM paper": "SPLAM paper (γ ~ U[0, 1])",
+              "DL": "DL-ODE", "u-ablation": "u-ablation (given u(γ, t))"}
+    handles = [plt.Line2D([], [], color=palette.color(name), lw=2, label=labels.get(fam, fam))
+               for fam, name in sorted(families.items(), key=lambda f: list(palette.COLORS).index(palette.family(f[1])))]
+    handles += [plt.Line2D([], [], color="0.3", ls=ls, lw=1.3, label=lab) for ls, lab in (("-", "k=20"), ("--", "k=100 ME"))]
+    handles.append(Patch(color="0.87", label="SW2 noise floor, 1000 points\n(0.14 ± 0.03, two teacher sets)"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=10, frameon=False,
+               title=f"mean over {'/'.join(map(str, sorted(seeds)))} seeds", title_fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -334,7 +352,7 @@ def anneal_study(a, settings):
     if old != settings:
         raise SystemExit(f"{path} holds a study with other settings; move it away or pass the same settings")
     budgets = tuple(sorted(set(budgets) | set(report.get("settings", {}).get("budgets", []))))
-    u_budgets = budgets[:2]                         # the u ablation: the two smallest budgets (a doubling)
+    u_budgets = budgets[:2] if not tag else ()     # the u ablation: the two smallest budgets (a doubling), main lr
     settings["budgets"] = list(budgets)
     report = {"settings": settings, "runs": report.get("runs", []), "wall_s": report.get("wall_s", 0.0)}
     t0 = time.perf_counter()
@@ -343,13 +361,14 @@ def anneal_study(a, settings):
         list([] if a.report else pool.map(_pretrain, [(cache, settings["pretrain_iters"], s, 128)
                                                        for s in range(settings["seeds"])]))
     first = ("LCM k=20", "SPLAM best k=20")       # the pair that decides the comparison runs first on every seed,
-    tag = lambda n: f"cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}"
+    ctag = lambda n: f"cos{n // 1000 if n >= 1000 else n}{'k' * (n >= 1000)}"  # noqa: E731
     tasks = [{"args": {**settings, "iters": n, "eval_every": max(n // (4 if q else 40), 1)}, "teacher": "exact",
-              "width": 128, "seed": s, "methods": {f"{m} {tag(n)}": v for m, v in methods.items() if (m in first) == lead}}
+              "width": 128, "seed": s, "methods": {f"{m} {ctag(n)}": v for m, v in methods.items() if (m in first) == lead}}
              for n in budgets for lead in (True, False) for s in range(settings["seeds"])]   # so a cut run stays paired
     tasks += [{"args": {**settings, "iters": n, "eval_every": max(n // (4 if q else 40), 1)}, "teacher": "exact",
-               "width": 128, "seed": s, "methods": {f"{m} {tag(n)}": v for m, v in u_methods.items()}}
+               "width": 128, "seed": s, "methods": {f"{m} {ctag(n)}": v for m, v in u_methods.items()}}
               for n in u_budgets for s in range(settings["seeds"])]
+    tasks.sort(key=lambda task: task["args"]["iters"])      # the smaller budgets first (stable: pairs stay together)
     if not a.report:
         run_tasks(tasks, report, path, a.workers, cache, remeasure=a.remeasure)
     report["wall_s"] += 0 if a.report else time.perf_counter() - t0
@@ -359,6 +378,8 @@ def anneal_study(a, settings):
     report["table"] = table(report["summary"])
     report["doubling"] = doubling(report, budgets)
     save(path, report)
+    if not tag:
+        plot_headline(report, path.with_suffix(".png"))
     if not q and a.out == RESULTS:                  # README block "anneal" (or "anneal_lr0.003") if it has one
         st = report["settings"]
         have = {(r["method"], r["seed"]) for r in report["runs"]}
@@ -376,6 +397,47 @@ def anneal_study(a, settings):
             "", report["doubling"], "", report["table"]]))
     print(report["table"] + "\n\n" + report["doubling"])
     return report
+
+
+def plot_headline(report, path: Path):
+    """The README's headline figure, from the annealed study: each method's final 1-step error and 1-step NLL excess
+    against the budget (mean ± std over seeds), with the floors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from toy import palette
+
+    by = {}
+    for r in report["runs"]:
+        by.setdefault(r["method"].rsplit(" cos", 1)[0], {}).setdefault(r["curve"]["iter"][-1], []).append(r)
+    label = {"LCM k=20": "LCM", "SPLAM best k=20": "SPLAM ours (half of the γ's at 1)", "SPLAM paper k=20":
+             "SPLAM paper (γ ~ U[0, 1])", "u-ablation half k=20": "u ablation, half at 1", "u-ablation k=20": "u ablation"}
+    budgets = sorted({n for d in by.values() for n in d})
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for (metric, ax, ylabel) in (("err_1step", axes[0], "final 1-step error to the teacher's ODE (data units)"),
+                                 ("nll_1", axes[1], "1-step NLL excess over the teacher (nats)")):
+        for name in label:
+            ns = sorted(n for n, rs in by.get(name, {}).items() if all(metric in r for r in rs))
+            if not ns:
+                continue
+            vals = [torch.tensor([r[metric] for r in by[name][n]], dtype=torch.float64) for n in ns]
+            ax.errorbar(ns, [v.mean().item() for v in vals], [v.std().item() if len(v) > 1 else 0 for v in vals],
+                        capsize=3, label=f"{label[name]} ({len(vals[0])} seeds)", **{"marker": "s", **palette.style(name)})
+        floor = ([report["runs"][0]["fixed_point_err"], "a perfectly trained student"] if metric == "err_1step" else
+                 [2 * max((r["nll_floor"] for r in report["runs"] if "nll_floor" in r), default=0), "2 × the noise floor"])
+        ax.axhline(floor[0], color="k", ls=":", label=floor[1])
+        ax.set(xscale="log", yscale="log", xlabel="training budget (iterations; lr cosine-annealed to 0 over it)",
+               ylabel=ylabel)
+        ax.set_xticks(budgets, [f"{n // 1000}k" if n >= 1000 else str(n) for n in budgets])
+        ax.minorticks_off()
+    axes[0].set_title("2D toy, k = 20, exact teacher: the 1-step error")
+    axes[1].set_title("the same runs: 1-step samples' NLL excess")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def ablation_methods():
