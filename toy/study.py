@@ -492,9 +492,52 @@ def ablation_study(a, settings):
     report["baselines"] = reference_rows(settings, seeds, cache)
     report["command"] = f"python toy/study.py --ablations{' --quick' if q else ''}"
     report["table"] = modes_table(report["summary"])
+    report["baseline_table"] = baseline_table(report["baselines"])
+    report["delta_table"] = delta_table(report["runs"])
     save(path, report)
+    if not q and a.out == RESULTS:
+        st = report["settings"]
+        write_readme(report, RESULTS / "README.md", "ablations", report["command"] + " --report", "\n".join([
+            f"Settings: the main study's ({st['iters']:,} iterations at a constant AdamW lr {st['lr']:g}, batch "
+            f"{st['batch']}, w = {st['w']}, L2, EMA 0.95, exact teacher, 128-wide student), seeds 0-{st['seeds'] - 1}, "
+            f"{st['n_eval']:,} evaluation noises. {len(report['runs'])} runs, "
+            f"{sum(r['wall_s'] for r in report['runs']) / 60:.0f} core-minutes (`{report['command']}`, 2 workers, "
+            "beside other jobs). Each run's final EMA student is kept in the git-ignored toy/results/cache/students/.",
+            "", report["table"], "", "Training-free solvers and the undistilled checkpoint on the same evaluation sets "
+            "(mean ± std over the seeds):", "", report["baseline_table"], "",
+            "δ(t) (Fig. 2c): ‖F(x_t, t) − F(x_{t−20}, t−20)‖ with x_{t−20} the teacher's ODE solution from x_t (*ODE*) or "
+            "the same x0 and noise (*same noise*, the paper's simulation), 1,000 points, mean ± std over seeds:", "",
+            report["delta_table"]]))
     print(report["table"])
     return report
+
+
+def baseline_table(baselines):
+    """Markdown: DDIM, DPM-Solver++(2M) and the undistilled checkpoint, as the ablation table scores methods."""
+    f = lambda v, d=3: f"{torch.tensor(v).mean():.{d}f} ± {torch.tensor(v).std() if len(v) > 1 else 0:.{d}f}"  # noqa: E731
+    lines = ["| sampler | 1-step error | NLL excess 1 / 2 / 4 steps (nats) | mode split 1 / 2 / 4 steps |", "|---|---|---|---|"]
+    for name, rs in baselines.items():
+        col = lambda m, d=3: f([r[m] for r in rs], d)  # noqa: E731
+        lines.append(f"| {name} | {col('err_1step')} | {col('nll_1', 2)} / {col('nll_2', 2)} / {col('nll_4', 2)} | "
+                     f"{col('split_1')} / {col('split_2')} / {col('split_4')} |")
+    return "\n".join(lines)
+
+
+DELTA_T = (119, 299, 499, 699, 899, 999)
+
+
+def delta_table(runs):
+    """Markdown: delta(t) at a few t for the headline methods, ODE and same-noise, mean ± std over seeds."""
+    lines = ["| method | δ | " + " | ".join(f"t = {t}" for t in DELTA_T) + " |", "|---|---|" + "---|" * len(DELTA_T)]
+    for m in [f"{h} {k}" for k in ("k=20", "k=100 ME") for h in HEADLINE]:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        for kind in ("ode", "same_noise"):
+            v = torch.tensor([[r["delta"][kind][r["delta"]["t"].index(t)] for t in DELTA_T] for r in rs], dtype=torch.float64)
+            sd = v.std(0) if len(rs) > 1 else torch.zeros(len(DELTA_T))
+            lines.append(f"| {m} | {kind.replace('_', ' ')} | " + " | ".join(f"{a:.3f} ± {b:.3f}" for a, b in zip(v.mean(0), sd)) + " |")
+    return "\n".join(lines)
 
 
 def reference_rows(settings, seeds, cache):
