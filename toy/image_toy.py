@@ -17,7 +17,7 @@ Methods, all from the same teacher, scored on the same noise:
   * LCM and SPLAM distilled with `minisplam.splad_loss`, same budget and seed. The gamma path is attached
     exactly as in the SD student (`minisplam.add_gamma_path`: gamma enters the time MLP's input);
   * DDIM, DPM-Solver++(2M) and UniPC through diffusers' schedulers (not re-implemented);
-  * iPNDM and AMED-Solver (shared/papers/amed-solver-cvpr2024.txt) in EDM's sigma parameterisation of the
+  * iPNDM and AMED-Solver (arXiv 2312.00094, CVPR 2024) in EDM's sigma parameterisation of the
     same VP model. AMED's predictor g_phi(h, t_{n+1}, t_n) -> (r_n, c_n) reads the UNet's mid-block feature
     (channel-mean pooled), is trained against a teacher trajectory with M intermediate steps (Alg. 1 there),
     and uses the analytical first step (AFS) for odd NFE.
@@ -432,15 +432,17 @@ def plot_curves(curves, n, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from toy import palette
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, steps in zip(axes, (1, 4)):
         for i, run in enumerate([curves] if isinstance(curves, dict) else curves):
-            for j, (name, c) in enumerate(run.items()):
-                ax.plot([r["iter"] for r in c], [r[f"err_{steps}"] for r in c], color=f"C{j}",
+            for name, c in run.items():
+                ax.plot([r["iter"] for r in c], [r[f"err_{steps}"] for r in c], color=palette.color(name),
                         lw=1.5 if isinstance(curves, dict) else 1, label=name if i == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("distillation iteration", fontsize=11)
-        ax.set_ylabel(f"{steps}-step RMS error to teacher ODE", fontsize=11)
+        ax.set_ylabel(f"{steps}-step RMS error to teacher ODE (pixels in [−1, 1])", fontsize=11)
         ax.set_title(f"{steps} step{'s' * (steps > 1)}, EMA student, {n} fixed noises", fontsize=11)
         ax.legend(fontsize=10)
     fig.tight_layout()

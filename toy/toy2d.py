@@ -432,39 +432,70 @@ def verdict(runs, floors):
 
 
 def plot(path, ev, finals, curves, deltas, sched, seed, dpi: int = 100):
+    """The demo figure. Top: the teacher's ODE samples and each method's 1-step samples (over the teacher's, grey).
+    Bottom: delta(t) (Fig. 2c) and the NLL excess over the teacher (EvalSet.modes) at 1 and 4 steps over training,
+    with the teacher's noise floor. Colours and line styles: toy.palette."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from toy import palette
 
     names = list(finals)
-    fig = plt.figure(figsize=(max(2.4 * (len(names) + 1), 12), 9))
-    outer = fig.add_gridspec(2, 1, height_ratios=[2, 1.2])
-    top = outer[0].subgridspec(2, len(names) + 1, hspace=0.45)
-    cols = ["tab:blue" if c == 0 else "tab:orange" for c in ev.labels.tolist()]
-    panels = [(0, 0, "teacher ODE (200 steps)", ev.ref_a)]
-    for j, name in enumerate(names, 1):
-        for i, steps in enumerate((1, 4)):
-            panels.append((i, j, f"{name}\n{steps} step", few_step_samples(finals[name], ev, sched, steps, seed)))
-    for i, j, title, x in panels:
-        a = fig.add_subplot(top[i, j])
-        a.scatter(*x.T, s=0.5, c=cols)
-        a.set_title(title, fontsize=9)
-        a.set_xlim(-1.6, 1.6), a.set_ylim(-1.6, 1.6), a.set_xticks([]), a.set_yticks([])
-    bottom = outer[1].subgridspec(1, 3, wspace=0.45)
-    a_delta, a_it, a_wall = (fig.add_subplot(bottom[0, i]) for i in range(3))
-    for name in [n for n in ("LCM k=20", "SPLAM k=20", "LCM k=100 ME", "SPLAM k=100 ME") if n in deltas]:
-        a_delta.plot(deltas[name]["t"], deltas[name]["ode"], label=name)
-    a_delta.set(title="consistency error δ(t), Fig. 2c", xlabel="timestep t (of 1000)", ylabel="δ (RMS, data units)")
-    a_delta.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
-    for name, c in curves.items():
-        a_it.plot(c["iter"], c["sw2_1"], label=name)
-        a_wall.plot(c["train_s"], c["sw2_1"], label=name)
-    a_it.set(title="1-step SW2 vs iteration", xlabel="distillation iteration", ylabel="1-step SW2 (data units)", yscale="log")
-    a_wall.set(title="1-step SW2 vs train time", xlabel="training time (s)", ylabel="1-step SW2 (data units)", yscale="log")
-    a_wall.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    n_top = len(names) + 1
+    cols = n_top if n_top <= 4 else math.ceil(n_top / 2)
+    rows = math.ceil(n_top / cols)
+    fig = plt.figure(figsize=(14, 4.2 * rows + 4.4))
+    outer = fig.add_gridspec(2, 1, height_ratios=[4.2 * rows, 4.4], hspace=0.2)
+    top = outer[0].subgridspec(rows, cols, hspace=0.4, wspace=0.2)
+    panels = [("teacher ODE, 200 steps", "teacher", ev.ref_a)]
+    panels += [(f"{name}, 1 step", name, few_step_samples(finals[name], ev, sched, 1, seed)) for name in names]
+    for i, (title, name, x) in enumerate(panels):
+        r, c = divmod(i, cols)
+        a = fig.add_subplot(top[r, c])
+        if name != "teacher":
+            a.scatter(*ev.ref_a.T, s=0.4, c="#c8c8c8", rasterized=True)
+            title += f"\nNLL excess {ev.modes(x)['nll']:.2f} nats"
+        a.scatter(*x.T, s=0.4, c=palette.color(name), alpha=1 if name == "teacher" else 0.5, rasterized=True)
+        a.set_title(title, fontsize=10)
+        a.set(xlim=(-1.5, 1.5), ylim=(-1.5, 1.5), xticks=[-1, 0, 1], yticks=[-1, 0, 1], aspect="equal")
+        a.tick_params(labelsize=9)
+        a.set_xlabel("x₁ (data units)", fontsize=9)
+        if c == 0:
+            a.set_ylabel("x₂ (data units)", fontsize=9)
+    bottom = outer[1].subgridspec(1, 3, wspace=0.3)
+    a_delta, a_1, a_4 = (fig.add_subplot(bottom[0, i]) for i in range(3))
+    for name in names:
+        if name in deltas:
+            a_delta.plot(deltas[name]["t"], deltas[name]["ode"], lw=1.3, **palette.style(name))
+    a_delta.set_xlabel("timestep t (of 1000)", fontsize=10)
+    a_delta.set_ylabel("δ(t), RMS (data units)", fontsize=10)
+    a_delta.set_title("consistency error δ(t), Fig. 2c. One seed, a short run:\nstill in the transient, so noise; it "
+                      "ranks nothing", fontsize=10)
+    # the curves are measured on the first min(n, 1000) evaluation points (distill's n_curve): the floor at that size
+    m = min(len(ev.labels), 1000)
+    nll_a, nll_b = (mode_nll(ref[:m], ev.labels[:m], ev.gmm) for ref in (ev.ref_a, ev.ref_b))
+    floor = ((nll_a.var() + nll_b.var()) / m).sqrt().item()
+    for steps, a in ((1, a_1), (4, a_4)):
+        for name in names:
+            a.plot(curves[name]["iter"], curves[name][f"nll_{steps}"], lw=1.5, **palette.style(name))
+        a.set_yscale("symlog", linthresh=floor, linscale=0.5)          # log above the floor, linear within it
+        a.axhspan(-floor, floor, color="0.85", lw=0)
+        vals = [v for name in names for v in curves[name][f"nll_{steps}"]]
+        a.set_ylim(min([-1.5 * floor, *(1.2 * v for v in vals)]), None)
+        ticks = [0] + [10.0**e for e in range(-1, 4) if 10.0**e <= 1.5 * max(vals + [0.1])]
+        a.set_yticks(ticks, [f"{t:g}" for t in ticks])
+        a.set_xlabel("distillation iteration", fontsize=10)
+        a.set_ylabel("NLL excess over the teacher (nats)", fontsize=10)
+        a.set_title(f"{steps}-step samples, {m} points", fontsize=10)
+    for a in (a_delta, a_1, a_4):
+        a.tick_params(labelsize=9)
+    handles = [plt.Line2D([], [], lw=1.5, label=name, **palette.style(name)) for name in names]
+    handles.append(Patch(color="0.85", label=f"teacher's noise floor (± {floor:.3f} nats)"))
+    a_4.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.03, 1), frameon=False)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
 
 
