@@ -7,8 +7,8 @@ ODE point x_{t-k}, but the student's input is a point of the *sub-path linear OD
     x_{gamma,t} = (1 - gamma) * alpha(t)/alpha(t-k) * x_{t-k} + gamma * x_t      (Eq. 12)
 
 so the hard "dist_Delta" part of the k-step objective is learned a fraction gamma at a time. The training
-algorithm is SPLAD (Alg. 1). Equation numbers refer to the arXiv version with the appendix,
-`shared/papers/slam-arxiv-with-appendix.txt`.
+algorithm is SPLAD (Alg. 1). Equation numbers follow the arXiv version with the appendix (method named SLAM there):
+"Accelerating Image Generation with Sub-path Linear Approximation Model", https://arxiv.org/abs/2404.13903.
 
 Sections 1-7 are the method, in paper order, and end in `splad_step`, one iteration of Alg. 1:
   1. the VP noise schedule                                   (Eq. 1, 20-21)
@@ -491,38 +491,37 @@ def eps_from_output(output, x, alpha, sigma, prediction_type: str):
 
 
 def cat_conditions(a, b):
-    """Two conditions as one batch (guided_eps): tensors, or dicts of tensors (SDXL's embeddings, pooled
-    embeddings, time ids)."""
+    """Two conditions as one batch (guided_eps): tensors, or dicts of tensors (SDXL's embeddings and time ids)."""
     return {k: torch.cat([a[k], b[k]]) for k in a} if isinstance(a, dict) else torch.cat([a, b])
 
 
-def resolve_teacher(path_or_id: str) -> str:
-    """A local diffusers pipeline directory (SD or SDXL), or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."""
-    p = Path(path_or_id).expanduser()
+def resolve_teacher(path_or_id: str, what: str = "teacher", parts=("model_index.json",) + SD_PARTS) -> str:
+    """A local diffusers directory with `parts` (default: a Stable Diffusion or SDXL pipeline's, with the kind's
+    name in its errors), or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."""
+    p, kind = Path(path_or_id).expanduser(), "Stable Diffusion" if what == "teacher" else "model"
     if p.exists():
-        missing = [s for s in ("model_index.json",) + SD_PARTS if not (p / s).exists()]
+        missing = [s for s in parts if not (p / s).exists()]
         if missing:
-            raise UsageError(f"{p} is not a diffusers Stable Diffusion directory: it lacks {missing}. "
-                             "Save one with StableDiffusion(XL)Pipeline.save_pretrained(dir) or give a hub id.")
+            raise UsageError(f"{what} {p} is not a diffusers {kind} directory: it lacks {missing}. Save one with "
+                             "save_pretrained(dir) or give a hub id.")
         return str(p.resolve())
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
-        raise UsageError(f"teacher {path_or_id!r} not found: give a local diffusers directory (with "
-                         f"{', '.join(SD_PARTS)}) or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
-    return resolve_hub_id(path_or_id, "teacher")
+        raise UsageError(f"{what} {path_or_id!r} not found: give a local diffusers directory (with "
+                         f"{', '.join(parts)}) or a hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+    return resolve_hub_id(path_or_id, what)
 
 
 def resolve_hub_id(repo: str, what: str) -> str:
     """A hub id: its cached snapshot if there is one (then nothing touches the network), else the id itself once
     the Hub can be reached. An unreachable Hub is refused at once, not after the libraries' 30 s of retries."""
+    import contextlib
     import socket
     import urllib.parse
 
     from huggingface_hub import constants, snapshot_download
 
-    try:
+    with contextlib.suppress(Exception):                       # not cached (or not a valid id): ask the Hub
         return snapshot_download(repo, local_files_only=True)
-    except Exception:                                          # not cached (or not a valid id): ask the Hub
-        pass
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((host, 443), timeout=5).close()
@@ -530,6 +529,20 @@ def resolve_hub_id(repo: str, what: str) -> str:
         raise UsageError(f"{what} {repo!r} is not in the Hugging Face cache and {host} cannot be reached: download "
                          "it where there is internet and pass the local folder") from None
     return repo
+
+
+def teacher_fingerprint(src: str):
+    """A hash of a local teacher (None for a hub id): model_index.json and its parts' files by name, size and content,
+    of a file over 2 MiB (the weights) its first and last MiB: GBs read whole would add a minute to every command."""
+    import hashlib
+
+    root, h, mib = Path(src), hashlib.sha256(), 1 << 20
+    for f in sorted(p for p in [root / "model_index.json", *root.glob("*/*")] if p.is_file()):
+        with f.open("rb") as fh:
+            h.update(f"{f.relative_to(root)} {f.stat().st_size}\n".encode() + fh.read(mib))
+            fh.seek(max(mib, f.stat().st_size - mib))
+            h.update(fh.read())
+    return h.hexdigest()[:16] if root.is_dir() else None
 
 
 @dataclass
@@ -684,16 +697,21 @@ def latent_shape(sd: StableDiffusion, batch: int, resolution: int):
 
 def load_image(path_or_file, resolution: int, crop_seed=None):
     """PIL image -> ((3, R, R) tensor in [-1, 1], SDXL's time_ids [orig h, orig w, crop top, crop left, R, R]):
-    resize the short side, centre (or seeded random) crop. Returns (None, None) for a corrupt or unreadable image."""
-    from PIL import Image
+    EXIF-rotate, 16-bit grey to its top 8 bits, resize the short side, centre (or seeded random) crop. Returns
+    (None, None) for a corrupt or unreadable image, or a decompression bomb."""
+    import numpy as np                                       # (not VaeImageProcessor: same tensor, 5x slower here)
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path_or_file) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):
+                im = Image.fromarray((np.asarray(im).clip(0, 65535) >> 8).astype(np.uint8))
             im = im.convert("RGB")
             w, h = size = im.size
             s = resolution / min(w, h)
             im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    except (OSError, ValueError, SyntaxError):
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None, None
     w, h = im.size
     if crop_seed is None:
@@ -702,8 +720,6 @@ def load_image(path_or_file, resolution: int, crop_seed=None):
         g = torch.Generator().manual_seed(int(crop_seed) % 2**63)
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-    import numpy as np                                       # (not VaeImageProcessor: same tensor, 5x slower here)
-
     px = torch.from_numpy(np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32))
     return px.permute(2, 0, 1) / 127.5 - 1, torch.tensor([size[1], size[0], top, left, resolution, resolution])
 
@@ -715,20 +731,21 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         self.root, self.resolution, self.random_crop = Path(root), resolution, random_crop
         meta = self.root / "metadata.jsonl"
         if not self.root.is_dir():
-            raise UsageError(f"dataset folder {self.root} does not exist")
+            raise UsageError(f"dataset folder {self.root} {'is a file' if self.root.exists() else 'does not exist'}: "
+                             "give the folder that holds metadata.jsonl and the images")
         if not meta.is_file():
             raise UsageError(f"{self.root} has no metadata.jsonl. Expected the imagefolder layout: one JSON "
                              'object per line, e.g. {"file_name": "0001.jpg", "text": "a photo of a cat"}')
         rows = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(meta.read_bytes().splitlines(), 1):     # json decodes UTF-8 (a BOM too) or says no
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
+                except ValueError as e:
                     raise UsageError(f"{meta}:{n} is not valid JSON ({e})") from e
-                if not isinstance(rows[-1], dict):
-                    raise UsageError(f'{meta}:{n} is not a JSON object: each line must be like '
-                                     '{"file_name": "0001.jpg", "text": "a photo of a cat"}')
+                if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("file_name", ""), str):
+                    raise UsageError(f'{meta}:{n} is not like {{"file_name": "0001.jpg", "text": "a photo of a '
+                                     'cat"}: each line must be a JSON object whose file_name is a string')
         if not rows:
             raise UsageError(f"{meta} is empty: the dataset needs at least one image-caption pair")
         self.items = [(r["file_name"], r["text"]) for r in rows
@@ -781,8 +798,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, urls: str, resolution: int, batch: int, seed: int, random_crop: bool = False,
                  start: int = 0, rank: int = 0, world: int = 1, workers: int = 0):
-        super().__init__()
-        wds = _webdataset()
+        wds = optional("webdataset", "reading webdataset shards")
         self.shards = list(wds.shardlists.expand_urls(urls))
         self.W = max(1, workers)
         if len(self.shards) < world * self.W:
@@ -798,7 +814,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield {"error": str(e)}
 
     def _batches(self):
-        wds = _webdataset()
+        wds = optional("webdataset", "reading webdataset shards")
         info = torch.utils.data.get_worker_info()
         j = info.id if info else 0
         stream = ((self.start + j) % self.W) * self.world + self.rank
@@ -842,12 +858,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield collate_skip_corrupt(items)
 
 
-def _webdataset():
+def optional(package: str, what: str):
+    """An optional package, or a UsageError saying how to install it."""
     try:
-        import webdataset
+        return __import__(package)
     except ImportError as e:
-        raise UsageError("webdataset shards need the optional package: pip install webdataset") from e
-    return webdataset
+        raise UsageError(f"{what} needs the optional package {package}: pip install {package}") from e
 
 
 def is_webdataset(spec: str) -> bool:
@@ -873,14 +889,16 @@ def own_tmpdir(prefix: str, parent: Path) -> Path:
     return tmp
 
 
-def finish_tmpdir(tmp: Path, final: Path):
-    """Drop the mark, give everything in it the umask's permissions (mkdtemp's folder is 0700 and some writers make
-    0600 files; a shared machine's users must read what it becomes), and rename it into place (atomic)."""
-    (tmp / TMP_MARK).unlink()
+def finish_tmpdir(tmp: Path, final: Path, old: Path = None):
+    """Give it the umask's permissions (mkdtemp makes 0700, safetensors 0600), drop the mark and rename it into place
+    (atomic). `old`: where an existing `final` goes first (export --overwrite), once only that rename is left."""
     umask = os.umask(0)
     os.umask(umask)
     for p in [tmp, *tmp.rglob("*")]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+    (tmp / TMP_MARK).unlink()
+    if old is not None and final.exists():
+        os.replace(final, old / "x")
     os.replace(tmp, final)
 
 
@@ -897,20 +915,26 @@ def save_checkpoint(run: Path, step: int, student, target, opt, extra: dict, kee
     saves only what trains: the adapters and the gamma path."""
     from safetensors.torch import save_file, save_model
 
-    tmp = own_tmpdir(".tmp-checkpoint-", run)
-    if target is student:
-        save_file({n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad},
-                  str(tmp / "student.safetensors"))
-    else:
-        save_model(student, str(tmp / "student.safetensors"))
-        save_model(target, str(tmp / "target.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
-    final = run / f"checkpoint-{step:07d}"
-    if (final / "state.json").is_file():                     # our own checkpoint of this step, from before a resume
-        shutil.rmtree(final)
-    finish_tmpdir(tmp, final)
-    _write_atomic(run / "latest", final.name)
+    tmp, final = own_tmpdir(".tmp-checkpoint-", run), run / f"checkpoint-{step:07d}"
+    try:
+        if target is student:
+            save_file({n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad},
+                      str(tmp / "student.safetensors"))
+        else:
+            save_model(student, str(tmp / "student.safetensors"))
+            save_model(target, str(tmp / "target.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        if (final / "state.json").is_file():                 # our own checkpoint of this step, from before a resume
+            shutil.rmtree(final)
+        finish_tmpdir(tmp, final)
+        _write_atomic(run / "latest", final.name)
+    except BaseException as e:                               # a full disk, Ctrl-C: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception):                         # (torch.save's and safetensors' are not OSErrors)
+            raise OSError(f"could not write {final.name} ({(str(e) or repr(e)).splitlines()[-1]}); the last checkpoint, "
+                          f"{latest_checkpoint(run) or 'none yet'}, is intact: free some disk space and --resume") from e
+        raise
     for old in sorted(p for p in run.glob("checkpoint-*") if (p / "state.json").is_file())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -956,10 +980,15 @@ def read_json(path: Path, what: str):
 
 
 def _write_atomic(path: Path, data):
-    """Text, or a PIL image, written beside `path` and renamed into place: a kill leaves the old file or the new."""
+    """Text, or a PIL image, written beside `path` and renamed into place: a kill leaves the old file or the new,
+    and a failure (a full disk, Ctrl-C) no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    tmp.write_text(data) if isinstance(data, str) else data.save(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(data) if isinstance(data, str) else data.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sd_step(sd: StableDiffusion, online, student, target, opt, cfg: SPLADConfig, batch: dict, uncond1, generator,
@@ -1023,44 +1052,36 @@ def train(args) -> dict:
     cfg = splad_config(vars(args))
     args.teacher = resolve_teacher(args.teacher)               # fail early on a bad path; absolute if local
     check_resolution(args.teacher, args.resolution)
-    vae = Path(args.pretrained_vae or "").expanduser()
-    if args.pretrained_vae and (vae.exists() or args.pretrained_vae.startswith((".", "/", "~"))):
-        if not (vae / "config.json").is_file():
-            raise UsageError(f"--pretrained-vae {vae} is not a diffusers AutoencoderKL folder (no config.json)")
-        args.pretrained_vae = str(vae.resolve())
-    elif args.pretrained_vae:
-        args.pretrained_vae = resolve_hub_id(args.pretrained_vae, "--pretrained-vae")
+    if args.pretrained_vae:                                    # a VAE folder (AutoencoderKL) or hub id
+        args.pretrained_vae = resolve_teacher(args.pretrained_vae, "--pretrained-vae", ["config.json"])
     if not is_webdataset(args.data) or not args.data.startswith(("pipe:", "http://", "https://")):
         args.data = str(Path(args.data).expanduser().resolve())             # a run does not depend on the cwd
-    opt_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise UsageError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from e
-        opt_cls = bnb.optim.AdamW8bit
+    opt_cls = optional("bitsandbytes", "--use-8bit-adam").optim.AdamW8bit if args.use_8bit_adam else torch.optim.AdamW
     proc = PartialState(cpu=not torch.cuda.is_available())     # torchrun: a process group (NCCL, or gloo on CPUs)
     rank, world, device = proc.process_index, proc.num_processes, proc.device
     run = Path(args.output_dir).expanduser().resolve()
-    settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "output_dir": str(run), "world_size": world}
+    settings = {**{k: v for k, v in vars(args).items() if k != "func"}, "output_dir": str(run), "world_size": world,
+                "teacher_fingerprint": teacher_fingerprint(args.teacher)}
     shards = is_webdataset(args.data)
 
     # --- resume check before any heavy work -------------------------------------------
     ckpt, changed = None, {}
     if run.is_file():
         raise UsageError(f"--output-dir {run} is a file: choose a folder for the run")
-    check_output(run, "--output-dir", overwrite=True, protect=local_paths(settings))    # not in the teacher or data
+    check_output(run, "--output-dir", overwrite=True, protect=local_paths(settings),    # not in the teacher or data
+                 ours=("config.json", "is not a minisplam run"), lock=rank == 0)
     if args.resume:
         saved = run / "config.json"
         if not saved.is_file():
             raise UsageError(f"--resume: {run} is not a training run (no config.json)")
         old = read_json(saved, f"--resume: {run} is not a readable training run")
-        diff = sorted(k for k in set(old) | set(settings) if k not in RESUMABLE_KEYS and old.get(k) != settings.get(k))
+        free = RESUMABLE_KEYS | ({"teacher"} if old.get("teacher_fingerprint") else {"teacher_fingerprint"} - set(old))
+        diff = sorted(k for k in set(old) | set(settings) if k not in free and old.get(k) != settings.get(k))
         if diff:
             raise UsageError(f"--resume: {run} was trained with different settings: " +
                              ", ".join(f"{k}={old.get(k)!r} (now {settings.get(k)!r})" for k in diff) +
                              f". Only {', '.join(sorted(RESUMABLE_KEYS - {'resume', 'world_size'}))} may change")
-        changed = {k: [old.get(k), settings[k]] for k in sorted(RESUMABLE_KEYS - {"resume"})
+        changed = {k: [old.get(k), settings[k]] for k in sorted(RESUMABLE_KEYS - {"resume"} | {"teacher"})
                    if old.get(k) != settings[k]}
         layout = ["world_size"] + (["num_workers"] if shards else [])                     # these deal out the data
         moved = [f"{k}={old.get(k)!r} (now {settings[k]!r})" for k in layout if old.get(k) != settings[k]]
@@ -1078,8 +1099,6 @@ def train(args) -> dict:
                     "checkpoint": str(ckpt)}
     elif (run / "config.json").exists():
         raise UsageError(f"{run} already holds a run: pass --resume to continue it, or choose a new --output-dir")
-    elif run.is_dir() and any(run.iterdir()):
-        raise UsageError(f"--output-dir {run} is not empty and is not a minisplam run: choose a new or empty folder")
 
     # --- data ----------------------------------------------------------------------------
     start = done["data_pos"] if ckpt else 0                                         # batches consumed so far
@@ -1112,26 +1131,24 @@ def train(args) -> dict:
             group["lr"] = args.lr
         state = json.loads((ckpt / "state.json").read_text())
         step, losses, data_pos, skipped = state["step"], state["losses"], state["data_pos"], state["skipped"]
-    log, new_folder = run / "metrics.jsonl", not run.exists()
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-        remove_own_tmpdirs(run, ".tmp-checkpoint-*")                        # left by a kill mid-checkpoint
-        _write_atomic(run / "config.json", json.dumps(settings, indent=1))
-        if log.is_file():                                   # steps after the checkpoint will be run again
-            _write_atomic(log, "".join(l + "\n" for l in log.read_text().splitlines() if json.loads(l).get("step", 0) <= step))
-        if args.resume:
-            with log.open("a") as f:                        # metrics.jsonl: one JSON object per step or event
-                f.write(json.dumps({"event": "resume", "step": step, "changed": changed}) + "\n")
-    online = student
-    if world > 1:
-        online = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+    online = student if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[device] if device.type == "cuda" else None)
 
     uncond1 = encode_prompts(sd, [""], device, null=True)                      # the null condition, once
     prompts = args.validation_prompts or ["a photo of a cat", "a painting of a lighthouse at dusk"]
-    last, empty_streak, t_start = None, 0, time.time()
+    log, last, empty_streak, t_start = run / "metrics.jsonl", None, 0, time.time()
     bar = tqdm(total=args.max_steps, initial=step, disable=rank != 0, desc="SPLAD", unit="it")
     it = iter(loader)
     try:
+        if rank == 0:                                       # (the folder: made by check_output's lock)
+            remove_own_tmpdirs(run, ".tmp-checkpoint-*")                    # left by a kill mid-checkpoint
+            _write_atomic(run / "config.json", json.dumps(settings, indent=1))
+            if log.is_file():       # steps after the checkpoint run again; a torn last line (no newline) goes too
+                _write_atomic(log, "".join(l + "\n" for l in log.read_text().rpartition("\n")[0].splitlines()
+                                           if json.loads(l).get("step", 0) <= step))
+            if args.resume:
+                with log.open("a") as f:                    # metrics.jsonl: one JSON object per step or event
+                    f.write(json.dumps({"event": "resume", "step": step, "changed": changed}) + "\n")
         while step < args.max_steps:
             batch = next(it)
             if "error" in batch:                                                 # a loader worker's UsageError
@@ -1175,10 +1192,8 @@ def train(args) -> dict:
         bar.leave = False                                      # clear the bar's line: the error is the last word
         bar.close()
         if rank == 0 and not args.resume and step == 0:       # nothing trained: leave the folder as it was found, so
-            for f in (run / "config.json", log):               # that the same command can simply be run again
-                f.unlink(missing_ok=True)
-            if new_folder and not any(run.iterdir()):
-                run.rmdir()
+            for f in (run / "config.json", log):               # that the same command can simply be run again (a
+                f.unlink(missing_ok=True)                      # new folder goes with the lock: release_outputs)
         raise
     bar.close()
     if skipped and rank == 0:
@@ -1193,37 +1208,42 @@ def train(args) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def run_checkpoint(run: Path):
-    """(config, latest checkpoint) of a training run; a UsageError for anything else."""
+def run_checkpoint(run: Path, base: str = None):
+    """(config, latest checkpoint) of a training run; a UsageError for anything else. Its teacher must be the model
+    it was trained with (by fingerprint): where it was, or at `base`, where it moved to."""
     ckpt = latest_checkpoint(run)
     if not (run / "config.json").is_file() or ckpt is None:
         raise UsageError(f"{run} is not a training run with a checkpoint (config.json + latest)")
-    return json.loads((run / "config.json").read_text()), ckpt
+    config = read_json(run / "config.json", f"{run} is not a readable training run")
+    config["teacher"] = resolve_teacher(base) if base else config["teacher"]
+    if config.get("teacher_fingerprint", "") not in ("", teacher_fingerprint(config["teacher"])):
+        raise UsageError(f"the teacher {config['teacher']} is gone or is not the model {run} was trained with (its "
+                         "fingerprint differs): pass where that model is now as --base-model")
+    return config, ckpt
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def model_source(model: Path, base: str = None):
-    """What a `--model` folder is: ('pipeline', its folder), ('run', its teacher) or ('lora', the base model);
-    refused before any loading."""
+    """What a `--model` folder is: 'pipeline', 'lora' or 'run', and {"teacher": the folder, the base model or the
+    run's teacher, and a run's other settings}; refused before any loading."""
     if (model / "model_index.json").is_file():
-        return "pipeline", str(model)
+        return "pipeline", {"teacher": str(model)}
     if (model / LORA_FILE).is_file():
         if not base:
             raise UsageError(f"{model} holds a LoRA: pass --base-model, the teacher it was distilled from")
-        return "lora", resolve_teacher(base)
-    try:
-        return "run", run_checkpoint(model)[0]["teacher"]
-    except UsageError:
+        return "lora", {"teacher": resolve_teacher(base)}
+    if not (model / "config.json").is_file() or latest_checkpoint(model) is None:
         raise UsageError(f"{model} is neither an exported pipeline (model_index.json), a LoRA ({LORA_FILE}) nor a "
-                         "training run with a checkpoint (config.json + latest)") from None
+                         "training run with a checkpoint (config.json + latest)")
+    return "run", run_checkpoint(model, base)[0]
 
 
-def load_run(run_dir, device="cpu") -> StableDiffusion:
+def load_run(run_dir, device="cpu", base: str = None) -> StableDiffusion:
     """A training run: its teacher, with sd.unet the student at gamma = 1: the EMA target with the gamma path
-    dropped, or for a LoRA run the teacher + the trained adapters (called without timestep_cond, i.e. gamma = 1)."""
-    config, ckpt = run_checkpoint(Path(run_dir))
+    dropped, or for a LoRA run the teacher + the trained adapters (no timestep_cond: gamma = 1). base: run_checkpoint."""
+    config, ckpt = run_checkpoint(Path(run_dir), base)
     sd = load_sd(config["teacher"], device, vae=config.get("pretrained_vae"))
     student = add_gamma_path(sd.unet, config["gamma_features"])
     if config.get("lora_rank"):
@@ -1239,8 +1259,8 @@ def load_run(run_dir, device="cpu") -> StableDiffusion:
 def load_distilled(model_dir: str, device="cpu", base: str = None):
     """An exported pipeline, an exported LoRA on its base model (diffusers' load_lora_weights), or a training run.
     Returns (StableDiffusion with the distilled UNet, eps callable)."""
-    kind, src = model_source(Path(model_dir), base)
-    sd = load_run(model_dir, device) if kind == "run" else load_sd(src, device)
+    kind, source = model_source(Path(model_dir), base)
+    sd = load_run(model_dir, device, base) if kind == "run" else load_sd(source["teacher"], device)
     if kind == "lora":
         sd.pipe.load_lora_weights(model_dir)
     return sd, unet_eps(sd.unet, sd.sched, sd.prediction_type)
@@ -1256,10 +1276,10 @@ def generate_images(sd: StableDiffusion, eps, prompts, steps: int, seed: int, re
     return decode_latents(sd, sample(eps, x_T, cond, sd.sched, lcm_timesteps(steps, sd.sched.T), g))
 
 
-def check_output(out: Path, flag: str, overwrite=False, protect=None) -> Path:
-    """A user's files are never lost: refuse an existing file, or a non-empty folder unless `overwrite` (None: the
-    command has no --overwrite). Never the current folder or a folder containing it, and never a folder that is,
-    lies inside or contains one of `protect` ({what: path}: the run being read, its teacher, its data)."""
+def check_output(out: Path, flag: str, overwrite=False, protect=None, ours=None, lock=False) -> Path:
+    """A user's files are never lost: refuse a file, a non-empty folder unless `overwrite` (None: no such option) or
+    it holds ours[0], the current folder or one containing it, a folder that cannot be written, and one that is, lies
+    inside or contains one of `protect` ({what: path}: a run being read, its teacher, data). lock: hold_output."""
     out = Path(out).expanduser().resolve()
     for what, p in {"the current folder": Path.cwd(), **(protect or {})}.items():
         p = Path(p).expanduser().resolve()
@@ -1268,10 +1288,55 @@ def check_output(out: Path, flag: str, overwrite=False, protect=None) -> Path:
             raise UsageError(f"{flag} {out} {rel} {what} ({p}): choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} is an existing file: choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{flag} {out} is not empty: choose a new folder" +
-                         (", or pass --overwrite to replace it" if overwrite is False else ""))
+    if not os.access(here := next(p for p in (out, *out.parents) if p.exists()), os.W_OK):   # (a read-only mount)
+        raise UsageError(f"{flag} {out} cannot be written ({here} is read-only): choose another folder")
+    for held in (False, True)[:1 + lock]:
+        if held:
+            hold_output(out, flag)
+        full = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())      # (only a lock file: empty)
+        if full and not overwrite:
+            raise UsageError(f"{flag} {out} is not empty: choose a new folder" +
+                             (", or pass --overwrite to replace it" if overwrite is False else ""))
+        if full and ours and not (out / ours[0]).is_file():
+            raise UsageError(f"{flag} {out} is not empty and {ours[1]}: choose a new or empty folder")
     return out
+
+
+LOCK_FILE = ".minisplam-lock"           # in a run, export or sample folder while a command writes it
+_HELD = []                              # this process's (lock file, its descriptor, the folders made for it)
+
+
+def hold_output(out: Path, flag: str):
+    """Hold the folder `out` for this command: a lock on a file in it (POSIX's, which forked loader workers do not
+    inherit), that the OS releases when the process ends, even by kill -9. Another command on it is refused."""
+    import fcntl
+
+    made, lock, fd = [p for p in (out, *out.parents) if not p.exists()], out / LOCK_FILE, None
+    out.mkdir(parents=True, exist_ok=True)
+    while fd is None or not (lock.exists() and os.path.samestat(os.fstat(fd), lock.stat())):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT)         # (again if its last holder removed it meanwhile)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            holder = os.read(fd, 20).decode().strip() or "?"
+            os.close(fd)
+            raise UsageError(f"{flag} {out} is in use by process {holder}: wait for it to end, or choose another "
+                             "folder") from None
+    _HELD.append((lock, fd, made))
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+
+
+def release_outputs():
+    """Let go of what hold_output took; a folder it made that stayed empty (a refused or failed command) goes too."""
+    while _HELD:
+        lock, fd, made = _HELD.pop()
+        if lock.exists() and os.path.samestat(os.fstat(fd), lock.stat()):
+            lock.unlink()
+        os.close(fd)
+        for p in made:                                     # deepest first
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
 
 
 def local_paths(config: dict) -> dict:
@@ -1280,39 +1345,47 @@ def local_paths(config: dict) -> dict:
     return {what: config[k] for k, what in keys.items() if config.get(k) and Path(config[k]).expanduser().exists()}
 
 
-def export(run_dir: str, out_dir: str, overwrite: bool = False):
+def export(run_dir: str, out_dir: str, overwrite: bool = False, base: str = None):
     """A full run: the teacher's diffusers pipeline (SD or SDXL) with the EMA student's weights in the teacher's
     architecture and LCMScheduler. A LoRA run: pytorch_lora_weights.safetensors for the teacher's pipeline
     (`pipe.load_lora_weights(dir)`). Either is sampled with LCMScheduler at guidance_scale=1 (w is baked in).
-    Written next to `out_dir` and renamed into place, so a kill leaves `out_dir` as it was."""
+    Written next to `out_dir` and renamed into place: a kill leaves it as it was. base: where the teacher moved to."""
     from diffusers import LCMScheduler
 
-    run = Path(run_dir)
-    config = run_checkpoint(run)[0]                                        # a run at all? before touching --out
-    out = check_output(Path(out_dir), "--out", overwrite, {"the run": run, **local_paths(config)})
+    run, out = Path(run_dir), Path(out_dir).expanduser().resolve()
+    config = run_checkpoint(run, base)[0]                                  # a run at all? before touching --out
+    if os.path.ismount(out):
+        raise UsageError(f"--out {out} is a mount point, which export cannot replace: choose a folder inside it")
+    check_output(out, "--out", overwrite, {"the run": run, **local_paths(config)}, lock=True)
     remove_own_tmpdirs(out.parent, f".tmp-export-{out.name}-*")                  # left by a killed export
-    sd = load_run(run)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = own_tmpdir(f".tmp-export-{out.name}-", out.parent)                        # build, then rename
-    if config.get("lora_rank"):
-        from peft.utils import get_peft_model_state_dict
+    sd = load_run(run, base=base)
+    tmp, old = (own_tmpdir(f".tmp-export-{out.name}-{s}", out.parent) for s in ("", "old-"))   # build, then rename
+    try:
+        if config.get("lora_rank"):
+            from peft.utils import get_peft_model_state_dict
 
-        layers = get_peft_model_state_dict(sd.unet)       # peft keys, as load_lora_weights reads them; gamma path: 0
-        type(sd.pipe).save_lora_weights(tmp, unet_lora_layers=layers,
-                                        unet_lora_adapter_metadata=sd.unet.peft_config["default"].to_dict())
-    else:
-        sd.pipe.unet = sd.unet
-        import inspect
+            layers = get_peft_model_state_dict(sd.unet)   # peft keys, as load_lora_weights reads them; gamma path: 0
+            type(sd.pipe).save_lora_weights(tmp, unet_lora_layers=layers,
+                                            unet_lora_adapter_metadata=sd.unet.peft_config["default"].to_dict())
+        else:
+            sd.pipe.unet = sd.unet
+            import inspect
 
-        known = inspect.signature(LCMScheduler.__init__).parameters      # not DDPM's variance_type, say: no warning
-        sd.pipe.scheduler = LCMScheduler.from_config({k: v for k, v in sd.pipe.scheduler.config.items() if k in known},
-                                                     timestep_scaling=10.0, original_inference_steps=50,
-                                                     clip_sample=False)
-        sd.pipe.save_pretrained(tmp)
-    old = own_tmpdir(f".tmp-export-{out.name}-old-", out.parent)     # swap in; an existing --out (empty, or the
-    if out.exists():                                                 # user's --overwrite, vetted by check_output)
-        os.replace(out, old / "x")                                  # goes only after the new one is in place
-    finish_tmpdir(tmp, out)
+            known = inspect.signature(LCMScheduler.__init__).parameters  # not DDPM's variance_type, say: no warning
+            sd.pipe.scheduler = LCMScheduler.from_config(
+                {k: v for k, v in sd.pipe.scheduler.config.items() if k in known}, timestep_scaling=10.0,
+                original_inference_steps=50, clip_sample=False)
+            sd.pipe.save_pretrained(tmp)
+        finish_tmpdir(tmp, out, old)     # an existing --out (the lock's, or the user's --overwrite) goes into `old`
+    except BaseException as e:           # a full disk, Ctrl-C: --out as it was, no temporary folder
+        if (old / "x").exists() and not out.exists():
+            os.replace(old / "x", out)
+        for d in (tmp, old):
+            shutil.rmtree(d, ignore_errors=True)
+        if isinstance(e, Exception):                     # (safetensors' errors are not OSErrors)
+            raise OSError(f"could not export to {out} ({(str(e) or repr(e)).splitlines()[-1]}): it is as it was; "
+                          "free some disk space and export again") from e
+        raise
     shutil.rmtree(old)
     return str(out)
 
@@ -1328,29 +1401,27 @@ def sample_to_folder(args):
     if args.prompts_file:
         f = Path(args.prompts_file).expanduser()
         try:
-            prompts += [l.strip() for l in f.read_text().splitlines() if l.strip()]
+            prompts += [l.strip() for l in f.read_text(encoding="utf-8-sig").splitlines() if l.strip()]
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--prompts-file {f} cannot be read as a text file ({type(e).__name__}): give a file "
                              "with one prompt per line") from None
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     model = Path(args.model).expanduser().resolve()
-    kind, src = model_source(model, args.base_model)
-    check_resolution(src, args.resolution)
-    reads = {"the model": model, **local_paths({"teacher": src})}
-    if kind == "run":
-        reads.update(local_paths(run_checkpoint(model)[0]))
-    out = check_output(Path(args.out), "--out", overwrite=True, protect=reads)    # emptiness: checked below
+    source = model_source(model, args.base_model)[1]
+    check_resolution(source["teacher"], args.resolution)
+    reads = {"the model": model, **local_paths(source)}
+    out = check_output(Path(args.out), "--out", overwrite=True, protect=reads, lock=True,
+                       ours=("sample.json", "was not written by `sample`"))
     settings = {"model": str(model), "base_model": args.base_model, "steps": args.steps, "seed": args.seed, "resolution": args.resolution,
                 "batch_size": args.batch_size}
     done = {}
-    if out.is_dir() and any(out.iterdir()):
+    if any(p.name != LOCK_FILE for p in out.iterdir()):
         try:
             old = json.loads((out / "sample.json").read_text())
-            manifest = out / "manifest.jsonl"
-            for line in manifest.read_text().splitlines() if manifest.is_file() else []:
-                row = json.loads(line)
-                done[row["index"]] = row
+            manifest = out / "manifest.jsonl"                # (a torn last line, without its newline, is dropped)
+            lines = manifest.read_text().rpartition("\n")[0].splitlines() if manifest.is_file() else []
+            done = {row["index"]: row for row in map(json.loads, lines)}
         except (OSError, ValueError, TypeError, KeyError):
             raise UsageError(f"--out {out} is not empty and was not written by `sample`: choose a new folder") from None
         if old != settings:
@@ -1360,8 +1431,8 @@ def sample_to_folder(args):
             raise UsageError(f"--out {out} holds images of other prompts (index {clash[0]}): choose a new folder")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sd, eps = load_distilled(str(model), dev, args.base_model)
-    out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "sample.json", json.dumps(settings))
+    _write_atomic(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in done.values()))   # a torn line goes
     starts = range(0, len(prompts), args.batch_size)
     for b, i in enumerate(tqdm(starts, desc="sample", unit="batch")):
         idx = range(i, min(i + args.batch_size, len(prompts)))
@@ -1411,11 +1482,18 @@ def number_arg(kind, lo, hi=None, strict=False):
 
 
 def path_arg(text):
-    """argparse type of a path or hub id: anything but the empty string (which would mean the current folder)."""
+    """argparse type of a path or hub id: anything but the empty string (which would mean the current folder) or a
+    symlink loop."""
     import argparse
+    import errno
 
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    try:
+        os.stat(os.path.expanduser(text))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise argparse.ArgumentTypeError(f"{text} is a symlink loop: give the real path") from None
     return text
 
 
@@ -1431,7 +1509,8 @@ def cli_parser(**kw):
 
     class Help(argparse.ArgumentDefaultsHelpFormatter):
         def _get_help_string(self, action):
-            return action.help if action.default in (None, False, []) else super()._get_help_string(action)
+            shown = not (action.default is None or action.default is False or action.default == [])   # 0 is shown
+            return super()._get_help_string(action) if shown else action.help
 
     return Parser(formatter_class=Help, **kw)
 
@@ -1451,7 +1530,7 @@ def build_parser():
                    help="training image size (a multiple of the VAE factor)")
     g.add_argument("--random-crop", action="store_true", help="random instead of centre crops")
     g.add_argument("--num-workers", type=number_arg(int, 0, 256), default=min(4, os.cpu_count() or 1),
-                   help="data loader processes (default: up to 4, at most the number of CPU cores)")
+                   help="data loader processes (default: %(default)s, the CPU cores up to 4)")
     g = t.add_argument_group("model")
     g.add_argument("--teacher", type=path_arg, required=True, help="hub id or local diffusers SD directory")
     g.add_argument("--pretrained-vae", type=path_arg, help="another VAE folder or hub id (e.g. an fp16-safe SDXL VAE)")
@@ -1499,7 +1578,7 @@ def build_parser():
 
     s = sub.add_parser("sample", help="few-step images from a run, an exported pipeline or a LoRA", **fmt)
     s.add_argument("--model", type=path_arg, required=True, help="a training run, an exported pipeline or LoRA folder")
-    s.add_argument("--base-model", type=path_arg, help="with a LoRA folder: its teacher (hub id or folder)")
+    s.add_argument("--base-model", type=path_arg, help="a LoRA folder's teacher, or where a run's teacher moved to")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     s.add_argument("--prompts-file", type=path_arg, help="one prompt per line (e.g. 30k COCO captions)")
     s.add_argument("--steps", type=int, default=4, choices=[1, 2, 4, 8], help="sampling steps (Eq. 19 + multistep)")
@@ -1514,6 +1593,7 @@ def build_parser():
     e.add_argument("--out", type=path_arg, required=True, help="a new or empty folder")
     e.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (never the run, its teacher or data, or the current folder)")
+    e.add_argument("--base-model", type=path_arg, help="where the run's teacher moved to (checked by its fingerprint)")
     e.add_argument("--verbose", **verbose)
     return p
 
@@ -1553,12 +1633,18 @@ def main(argv=None):
             n = sum(1 for _ in (out / "manifest.jsonl").open())
             print(f"wrote {n} images, manifest.jsonl and grid.png ({'the first 64' if n > 64 else 'all'}) to {out}")
             return out
-        print(f"exported to {export(args.run, args.out, args.overwrite)}")
+        print(f"exported to {export(args.run, args.out, args.overwrite, args.base_model)}")
         return args.out
-    except (UsageError, FloatingPointError) as e:                 # a bad input: 2; a diverged run: 1
+    except (UsageError, FloatingPointError, OSError) as e:        # a bad input: 2; a diverged run, a full disk: 1
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UsageError) else 1)
+    finally:
+        release_outputs()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                # Ctrl-C: one line, exit 130; what was half-written is already gone
+        print("\ninterrupted: nothing half-written is left", file=sys.stderr)
+        raise SystemExit(130)

@@ -1,9 +1,10 @@
 """Nothing a user runs can destroy a run or end in a traceback (issue 21).
 
 `test_every_option_of_every_entry_point` walks the argparse actions of `minisplam.py train | sample | export`,
-`python -m toy.tiny_sd` and `benchmarks/evaluate.py`, and gives every option each value a user can mistype. Every
-call must succeed or print one `error:` line with exit code 2, and no file outside the call's own new output may
-change. The tests after it each reproduce one reported failure (issue 21, items 1-9).
+`python -m toy.tiny_sd` and `benchmarks/evaluate.py`, and gives every option each value a user can mistype (a path
+option also the paths of PATH_VALUES). Every call must succeed or print one `error:` line with exit code 2, and no file
+outside the call's own new output may change. The tests after it each reproduce one reported failure (issue 21,
+items 1-9; issue 31, items 1-18).
 """
 
 import hashlib
@@ -33,6 +34,9 @@ import evaluate  # noqa: E402
 
 HUGE = "99999999999999999999"
 VALUES = ["0", "-1", "nan", "inf", "", HUGE, "abc", "{missing}", "{file}", "{folder}", "{inrun}"]
+# issue 31: a read-only folder, a symlink loop, a file where a folder is expected (metadata.jsonl), a mount point, and
+# a data folder whose metadata.jsonl has a non-string file_name
+PATH_VALUES = ["{readonly}", "{loop}", "{metafile}", "{mount}", "{badmeta}"]
 
 
 _SHA = {}
@@ -131,20 +135,38 @@ def with_option(base, action, value):
     return argv + [opt, value]
 
 
+def _readonly_and_mounts(monkeypatch, readonly: Path, is_mount):
+    """Simulate a read-only mount at `readonly` (root writes anywhere else; os.access is how the OS tells) and mount
+    points where is_mount(path)."""
+    access, ismount = os.access, os.path.ismount
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if mode & os.W_OK and (
+        Path(p) == readonly or readonly in Path(p).parents) else access(p, mode, *a, **k))
+    monkeypatch.setattr(os.path, "ismount", lambda p: is_mount(Path(p)) or ismount(p))
+
+
 def test_every_option_of_every_entry_point(world, tmp_path, capsys, monkeypatch):
     root = world["root"]
     monkeypatch.chdir(root / "user")                                # relative paths land in a user's folder
+    (root / "ro").mkdir(exist_ok=True)
+    (tmp_path / "loop").symlink_to("loop")
+    shutil.copytree(world["data"], root / "badmeta", dirs_exist_ok=True)
+    (root / "badmeta" / "metadata.jsonl").write_text('{"file_name": 5, "text": "a red square"}\n')
+    _readonly_and_mounts(monkeypatch, root / "ro", lambda p: p.parent == tmp_path and p.name.startswith("mnt-"))
     fill = {"{missing}": str(root / "missing" / "x"), "{file}": str(root / "user" / "file.txt"),
-            "{folder}": str(root / "user" / "notes"), "{inrun}": str(Path(world["run"]) / "checkpoint-0000001")}
+            "{folder}": str(root / "user" / "notes"), "{inrun}": str(Path(world["run"]) / "checkpoint-0000001"),
+            "{readonly}": str(root / "ro"), "{loop}": str(tmp_path / "loop"),
+            "{metafile}": str(Path(world["data"]) / "metadata.jsonl"), "{badmeta}": str(root / "badmeta")}
     tried, outcomes, n, problems = 0, {"ok": 0, "error": 0, "traceback": 0}, 0, []
     for name, parser in parsers().items():
         for action in parser._actions:
             if action.dest in ("help",):
                 continue
-            for raw in (["(flag)"] if action.nargs == 0 else VALUES):
+            for raw in (["(flag)"] if action.nargs == 0 else VALUES + PATH_VALUES * (action.type is ms.path_arg)):
                 n += 1
                 new = str(tmp_path / f"new-{n}")
                 base, run = entry_points(world, new)[name]
+                fill["{mount}"] = str(tmp_path / f"mnt-{n}")                  # a fresh, empty mount point
+                Path(fill["{mount}"]).mkdir()
                 value = fill.get(raw, raw)
                 argv = with_option(base, action, value)
                 own = [p for p in (Path(new), root / "user" / value, root / "missing") if value and not p.exists()]
@@ -168,7 +190,7 @@ def test_every_option_of_every_entry_point(world, tmp_path, capsys, monkeypatch)
                            and f != str(Path("gen") / "eval.json")]           # evaluate.py's own output
                 if changed:
                     problems.append((name, argv, "changed files", changed))
-                for p in own:                                                 # what this call created goes again
+                for p in own + [Path(fill["{mount}"])]:                       # what this call created goes again
                     if p.is_dir():
                         shutil.rmtree(p)
                 tried += 1
@@ -286,12 +308,14 @@ def test_8_outputs_follow_the_umask(world, tmp_path):
                  *FAST, "--batch-size", "1", "--lora-rank", "4", "--max-steps", "1", "--validate-every", "0"])
         ms.main(["export", "--run", str(tmp_path / "r"), "--out", str(tmp_path / "lora")])
         ms.main(["export", "--run", world["run"], "--out", str(tmp_path / "pipe")])
+        tiny_sd.main([str(tmp_path / "tiny")])                      # issue 31 item 14: its weights were 0600
     finally:
         os.umask(old)
     for d in [tmp_path / "r", tmp_path / "r" / "checkpoint-0000001", tmp_path / "lora", tmp_path / "pipe",
-              tmp_path / "pipe" / "unet"]:
+              tmp_path / "pipe" / "unet", *(p for p in (tmp_path / "tiny").rglob("*") if p.is_dir())]:
         assert d.stat().st_mode & 0o777 == 0o755, d
-    for f in [tmp_path / "lora" / "pytorch_lora_weights.safetensors", tmp_path / "pipe" / "model_index.json"]:
+    for f in [tmp_path / "lora" / "pytorch_lora_weights.safetensors", tmp_path / "pipe" / "model_index.json",
+              *(p for p in (tmp_path / "tiny").rglob("*") if p.is_file())]:
         assert f.stat().st_mode & 0o777 == 0o644, f
 
 
@@ -339,9 +363,11 @@ def test_9_help_says_what_to_do(capsys):
             ms.main([cmd, "--help"])
         text = capsys.readouterr().out
         assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
-    n = [a for a in ms.build_parser()._subparsers._group_actions[0].choices["train"]._actions
-         if a.dest == "num_workers"][0].default
-    assert 0 <= n <= (os.cpu_count() or 1)
+    train = ms.build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: train._get_formatter()._expand_help(a) for a in train._actions if a.help}
+    assert helps["weight_decay"].endswith("(default: 0.0)") and helps["seed"].endswith("(default: 0)")   # issue 31
+    assert helps["num_workers"].count("default") == 1                                                     # item 17
+    assert 0 <= [a for a in train._actions if a.dest == "num_workers"][0].default <= (os.cpu_count() or 1)
 
 
 def test_9_an_unreachable_hub_id_fails_at_once(world, tmp_path, capsys, monkeypatch):
@@ -373,3 +399,315 @@ def test_9_a_normal_run_prints_only_our_own_lines(world, tmp_path):
     noise = [l for l in sample_err.splitlines() if re.search(r"warn|Loading pipeline|Writing model|deprecat", l, re.I)]
     assert noise == [], noise
     assert verbose.returncode == 0 and "Loading pipeline components" in verbose_err, verbose_err   # --verbose: back
+
+
+# --- issue 31, items 1-18: each reproduced, each failed before its fix ----------------------------------------------
+
+def _train_argv(w, out, *extra):
+    return ["train", "--teacher", w["teacher"], "--data", w["data"], "--output-dir", str(out), "--k", "20", *FAST,
+            "--batch-size", "1", "--validate-every", "0", *extra]
+
+
+def _copy_run(w, dst: Path, teacher=None) -> Path:
+    """The world's run, copied to dst (its config pointing at dst, and at `teacher` if given)."""
+    shutil.copytree(w["run"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "output_dir": str(dst), "teacher": teacher or w["teacher"]}))
+    return dst
+
+
+def _no_model_loads(monkeypatch):
+    monkeypatch.setattr(ms, "load_sd", lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+
+
+def test_31_1_2_a_folder_in_use_is_refused_and_a_killed_holder_never_blocks(world, tmp_path, capsys):
+    """Issue 31 items 1-2: a second train (new or --resume), export or sample on a folder another process holds is
+    refused in one line, before it touches anything; after a kill -9 of the holder the next command just runs."""
+    run = _copy_run(world, tmp_path / "run")
+    folders = [tmp_path / "new-run", run, tmp_path / "pipe", tmp_path / "gen"]
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"     # as hold_output takes it
+                               "for d in sys.argv[1:]:\n"
+                               "    os.makedirs(d, exist_ok=True)\n"
+                               f"    f = open(os.path.join(d, {ms.LOCK_FILE!r}), 'a+')\n"
+                               "    fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "    f.write(str(os.getpid()))\n"
+                               "    f.flush()\n"
+                               "    globals()[d] = f\n"
+                               "print('held', flush=True)\n"
+                               "time.sleep(120)", *map(str, folders)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _tree(tmp_path)
+        for argv in [_train_argv(world, folders[0], "--max-steps", "1"),
+                     _train_argv(world, run, "--max-steps", "2", "--resume"),
+                     ["export", "--run", str(run), "--out", str(folders[2])],
+                     ["sample", "--model", str(run), "--prompt", "a red square", "--out", str(folders[3])]]:
+            _refused(capsys, ms.main, argv, f"is in use by process {holder.pid}")
+        assert _tree(tmp_path) == before                             # nothing written, the holder's lock untouched
+    finally:
+        holder.kill()                                                # kill -9: the OS drops its locks
+        holder.wait()
+    ms.main(["export", "--run", str(run), "--out", str(folders[2])])
+    ms.main(["sample", "--model", str(run), "--prompt", "a red square", "--out", str(folders[3])])
+    assert (folders[2] / "model_index.json").is_file() and (folders[3] / "00000.png").is_file()
+    assert not (folders[2] / ms.LOCK_FILE).exists() and not (folders[3] / ms.LOCK_FILE).exists()
+
+
+def _bomb_png() -> bytes:
+    """A 1-pixel PNG whose header says 20000 x 20000: PIL's decompression bomb check refuses it on open."""
+    import struct
+    import zlib
+
+    png = bytearray(_png((0, 0, 0), (1, 1)))
+    png[16:24] = struct.pack(">II", 20000, 20000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+def test_31_3_a_decompression_bomb_is_skipped_and_named(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "bomb.png", "text": "a huge image"}))
+    item = ms.ImageCaptionFolder(tmp_path, 16)[(0, 0)]
+    assert item["pixels"] is None and item["why"] == "an unreadable image"
+    assert ms.collate_skip_corrupt([item])["skipped_files"] == [f"{tmp_path / 'bomb.png'} (an unreadable image)"]
+
+
+def _one_error_line(capsys, run, argv, code):
+    """run(argv) ends in exactly one `error:` line (as a terminal shows it) and exit code `code`; returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    lines = [l.split("\r")[-1] for l in capsys.readouterr().err.strip().split("\n")]
+    lines = [l for l in lines if l.strip()]
+    assert e.value.code == code and len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_31_4_a_full_disk_is_one_line_and_leaves_nothing_half_written(world, tmp_path, capsys, monkeypatch):
+    """A full disk, simulated by the errors its writers raise (measured on a full tmpfs): torch.save's RuntimeError,
+    safetensors' SafetensorError and an OSError ENOSPC."""
+    import errno
+
+    import diffusers
+    from safetensors import SafetensorError
+
+    run = _copy_run(world, tmp_path / "run")                        # the checkpoint write of a resumed run
+    def torn(obj, path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", torn)
+        err = _one_error_line(capsys, ms.main, _train_argv(world, run, "--max-steps", "2", "--resume"), 1)
+    assert "could not write checkpoint-0000002" in err and "checkpoint-0000001, is intact" in err and "--resume" in err
+    assert not list(run.glob(".tmp-*")) and (run / "latest").read_text() == "checkpoint-0000001"
+
+    def full(self, path, *a, **k):                                  # export: the first weights half-written
+        (Path(path) / "unet").mkdir(parents=True)
+        (Path(path) / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "save_pretrained", full)
+    err = _one_error_line(capsys, ms.main, ["export", "--run", world["run"], "--out", str(tmp_path / "pipe")], 1)
+    assert "could not export" in err and "No space left on device" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]   # no .tmp-export-*, no --out
+
+    write_text = Path.write_text                                     # a disk already full: the first small write
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")) if ".json.tmp" in self.name else write_text(self, *a, **k))
+    for argv in [_train_argv(world, tmp_path / "new-run", "--max-steps", "1"),
+                 ["sample", "--model", world["run"], "--prompt", "a red square", "--out", str(tmp_path / "gen")]]:
+        assert "No space left on device" in _one_error_line(capsys, ms.main, argv, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]   # nothing left: the same command runs again
+
+
+def test_31_5_a_read_only_output_is_refused_before_models_load(world, tmp_path, capsys, monkeypatch):
+    """A read-only mount, simulated: os.access says so (as the OS does for a read-only mount, even for root)."""
+    ro = tmp_path / "ro"
+    run = _copy_run(world, ro / "run")
+    (ro / "pipe").mkdir()
+    (ro / "pipe" / "old.txt").write_text("an older export")
+    _readonly_and_mounts(monkeypatch, ro, lambda p: False)
+    _no_model_loads(monkeypatch)
+    before = _tree(tmp_path)
+    for argv in [["export", "--run", world["run"], "--out", str(ro / "new")],
+                 ["export", "--run", world["run"], "--out", str(ro / "pipe"), "--overwrite"],
+                 ["sample", "--model", world["run"], "--prompt", "x", "--out", str(ro / "gen")],
+                 _train_argv(world, ro / "new-run", "--max-steps", "1"),
+                 _train_argv(world, run, "--max-steps", "2", "--resume")]:
+        _refused(capsys, ms.main, argv, "cannot be written")
+    assert _tree(tmp_path) == before and sorted(p.name for p in ro.iterdir()) == ["pipe", "run"]
+
+
+def test_31_6_export_to_a_mount_point_is_refused_before_models_load(world, tmp_path, capsys, monkeypatch):
+    (tmp_path / "mnt").mkdir()
+    _readonly_and_mounts(monkeypatch, tmp_path / "ro", lambda p: p == tmp_path / "mnt")
+    _no_model_loads(monkeypatch)
+    _refused(capsys, ms.main, ["export", "--run", world["run"], "--out", str(tmp_path / "mnt")], "is a mount point")
+    assert [p.name for p in tmp_path.iterdir()] == ["mnt"] and not any((tmp_path / "mnt").iterdir())
+
+
+@pytest.mark.parametrize("option", ["--data", "--output-dir", "--teacher", "export --out", "sample --out",
+                                    "sample --model"])
+def test_31_7_a_symlink_loop_is_one_line(world, option, tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    argv = {"export --out": ["export", "--run", world["run"], "--out", str(loop)],
+            "sample --out": ["sample", "--model", world["run"], "--prompt", "x", "--out", str(loop)],
+            "sample --model": ["sample", "--model", str(loop), "--prompt", "x", "--out", str(tmp_path / "s")]}.get(
+        option) or _train_argv(world, tmp_path / "r", "--max-steps", "1")
+    if option.startswith("--"):
+        argv[argv.index(option) + 1] = str(loop)
+    _refused(capsys, ms.main, argv, "is a symlink loop")
+
+
+@pytest.mark.parametrize("content,msg", [(b'{"file_name": "0.png", "text": "caf\xe9"}\n', "metadata.jsonl:1 is not valid JSON ('utf-8' codec"),
+                                         (b'{"file_name": 5, "text": "a red square"}\n', "file_name is a string"),
+                                         (b'{"file_name": ["0.png"], "text": "a red square"}\n', "file_name is a string"),
+                                         (None, "is a file: give the folder")])
+def test_31_8_metadata_lines_are_checked_before_models_load(world, content, msg, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    if content:
+        (data / "metadata.jsonl").write_bytes(content)
+    _no_model_loads(monkeypatch)
+    argv = _train_argv(world, tmp_path / "r", "--max-steps", "1")
+    argv[argv.index("--data") + 1] = str(data if content else data / "metadata.jsonl")
+    _refused(capsys, ms.main, argv, msg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_31_8_a_metadata_bom_is_read(world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (data / "metadata.jsonl").read_bytes())
+    assert ms.ImageCaptionFolder(data, 16).items == [("0.png", "a red square"), ("1.png", "a blue square")]
+
+
+def _as_script(monkeypatch, argv):
+    """`python minisplam.py ARGV` in this process (its __main__ block included): its exit code."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["minisplam.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "minisplam.py"), run_name="__main__")
+    return e.value.code
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "export"])
+def test_31_9_ctrl_c_is_one_line_exit_130_and_removes_temporary_files(world, cmd, tmp_path, capsys, monkeypatch):
+    import diffusers
+    import diffusers.utils
+    import safetensors.torch
+
+    def ctrl_c(*a, **k):                               # mid-write: a temporary file or folder exists by now
+        if cmd == "export":
+            (Path(a[1]) / "half.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+    where = {"train": (safetensors.torch, "save_model"), "sample": (diffusers.utils, "numpy_to_pil"),
+             "export": (diffusers.DiffusionPipeline, "save_pretrained")}[cmd]
+    monkeypatch.setattr(*where, ctrl_c)
+    argv = {"train": _train_argv(world, tmp_path / "out", "--max-steps", "1"),
+            "sample": ["sample", "--model", world["run"], "--prompt", "x", "--out", str(tmp_path / "out")],
+            "export": ["export", "--run", world["run"], "--out", str(tmp_path / "out")]}[cmd]
+    capsys.readouterr()
+    assert _as_script(monkeypatch, argv) == 130
+    lines = [l for l in (l.split("\r")[-1] for l in capsys.readouterr().err.split("\n")) if l.strip()]
+    assert lines[-1] == "interrupted: nothing half-written is left" and all("%|" in l for l in lines[:-1]), lines
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or p.name == ms.LOCK_FILE]
+
+
+def test_31_10_a_torn_last_line_of_metrics_or_manifest_is_dropped(world, tmp_path, capsys):
+    run = _copy_run(world, tmp_path / "run")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "loss": 0.0')                       # power loss mid-line
+    ms.main(_train_argv(world, run, "--max-steps", "2", "--resume"))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in rows] == [1, 1, 2] and rows[1]["event"] == "resume"
+    gen = tmp_path / "gen"
+    shutil.copytree(world["gen"], gen, ignore=shutil.ignore_patterns("eval.json"))
+    good = (gen / "manifest.jsonl").read_text()
+    (gen / "manifest.jsonl").write_text(good + '{"index": 2, "prom')
+    ms.main(["sample", "--model", world["run"], "--prompt", "a red square", "--prompt", "a blue square", "--out",
+             str(gen)])
+    assert (gen / "manifest.jsonl").read_text() == good
+
+
+def test_31_11_sixteen_bit_grey_keeps_its_range(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp = (np.arange(16)[None].repeat(16, 0) * 4369).astype(np.uint16)        # 0 .. 65535
+    for a in (ramp, np.full((16, 16), 40000, np.uint16)):
+        Image.fromarray(a).save(tmp_path / "grey16.png")
+        px, _ = ms.load_image(tmp_path / "grey16.png", 16)
+        assert torch.equal(px[0], torch.from_numpy((a >> 8).astype(np.float32)) / 127.5 - 1)
+
+
+def test_31_12_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    portrait = Image.new("RGB", (16, 32), (255, 0, 0))                           # as shown: red top, blue bottom
+    portrait.paste((0, 0, 255), (0, 16, 16, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                              # a phone's "rotate 90 to show"
+    portrait.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    px, ids = ms.load_image(tmp_path / "phone.png", 16)
+    assert ids.tolist() == [32, 16, 8, 0, 16, 16]                                # SDXL: the shown size, centre crop
+    assert px[0, 0].min() > 0.9 and px[2, -1].min() > 0.9                        # red on top, blue below
+
+
+def _run_with_its_own_teacher(world, tmp_path):
+    """A copy of the world's run whose teacher is its own copy, tmp_path/teacher; and the argv that resumes it."""
+    shutil.copytree(world["teacher"], tmp_path / "teacher")
+    run = _copy_run(world, tmp_path / "run", teacher=str(tmp_path / "teacher"))
+    resume = _train_argv(world, run, "--max-steps", "2", "--resume")
+    resume[resume.index("--teacher") + 1] = str(tmp_path / "teacher")
+    return run, resume
+
+
+def test_31_13_a_teacher_rebuilt_in_place_is_refused(world, tmp_path, capsys):
+    run, resume = _run_with_its_own_teacher(world, tmp_path)
+    sched = tmp_path / "teacher" / "scheduler" / "scheduler_config.json"      # rebuilt as v-prediction
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    _refused(capsys, ms.main, resume, "different settings: teacher_fingerprint=")
+    _refused(capsys, ms.main, ["export", "--run", str(run), "--out", str(tmp_path / "e")], "is not the model")
+
+
+def test_31_16_a_moved_teacher_is_found_by_its_fingerprint(world, tmp_path, capsys):
+    run, resume = _run_with_its_own_teacher(world, tmp_path)
+    old, new = tmp_path / "teacher", tmp_path / "moved"
+    old.rename(new)
+    shutil.copytree(new, tmp_path / "other")                          # another model
+    sched = tmp_path / "other" / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace('"epsilon"', '"v_prediction"'))
+    sample = ["sample", "--model", str(run), "--prompt", "x", "--out", str(tmp_path / "s")]
+    _refused(capsys, ms.main, sample, "is gone or is not the model")
+    _refused(capsys, ms.main, sample + ["--base-model", str(tmp_path / "other")], "is not the model")
+    ms.main(sample + ["--base-model", str(new)])
+    ms.main(["export", "--run", str(run), "--out", str(tmp_path / "e"), "--base-model", str(new)])
+    resume[resume.index("--teacher") + 1] = str(new)
+    ms.main(resume)                                                   # the run now records where its teacher is
+    assert json.loads((run / "config.json").read_text())["teacher"] == str(new)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[1])["changed"]["teacher"] == [str(old), str(new)]
+
+
+def test_31_15_a_prompts_file_bom_is_not_part_of_the_first_prompt(world, tmp_path):
+    (tmp_path / "prompts.txt").write_bytes(b"\xef\xbb\xbfa cat\r\na dog\r\n")      # as Windows' Notepad saves it
+    ms.main(["sample", "--model", world["pipeline"], "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "1",
+             "--out", str(tmp_path / "s")])
+    rows = [json.loads(l) for l in (tmp_path / "s" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a cat", "a dog"]
+
+
+def test_31_18_export_overwrite_keeps_out_until_one_last_rename(world, tmp_path, monkeypatch):
+    """A kill anywhere before the final rename (here: while the new folder's permissions are set) leaves --out."""
+    out = tmp_path / "pipe"
+    shutil.copytree(world["pipeline"], out)
+    (out / "mine.txt").write_text("the export it replaces")
+
+    def killed(self, mode):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Path, "chmod", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ms.main(["export", "--run", world["run"], "--out", str(out), "--overwrite"])
+    assert (out / "mine.txt").is_file() and (out / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

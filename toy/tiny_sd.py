@@ -8,6 +8,7 @@ Every part is built here from a config, with a local tokenizer vocabulary: nothi
 """
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -58,6 +59,10 @@ def make_tiny_sd(out_dir: str, prediction_type: str = "epsilon", seed: int = 0, 
         pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.save_pretrained(out)
+    umask = os.umask(0)                                      # the umask's permissions: safetensors writes 0600
+    os.umask(umask)
+    for p in out.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
     return str(out)
 
 
