@@ -24,7 +24,9 @@ FAST_TESTS = ["tests/test_core.py", "tests/test_toy2d.py", "-k", "not study and 
               "tests/test_sd.py::test_sd_step_teacher_solve_is_diffusers_guided_ddim",
               "tests/test_sd.py::test_sd_step_latents_are_the_pipelines_scaled_vae_latents",
               "tests/test_sd.py::test_gamma_path_is_timestep_cond_and_vanishes_at_one",
-              "tests/test_sdxl_lora.py::test_sdxl_sd_step_teacher_solve_is_diffusers_guided_ddim"]
+              "tests/test_sdxl_lora.py::test_sdxl_sd_step_teacher_solve_is_diffusers_guided_ddim",
+              "tests/test_sd.py::test_sd_step_hands_teacher_student_and_target_as_eq17_says",
+              "tests/test_sd.py::test_train_hands_sd_step_the_default_config_and_optimizer"]
 
 # name -> (what the correct code says, what the bug makes of it); each `old` must occur exactly once
 BUGS = {
@@ -60,6 +62,26 @@ BUGS = {
         "return phi(g) - phi(torch.ones_like(g))", "return phi(g)"),
     "x_t noised with sigma(t-k)": (
         "x_t = alpha_t * x0 + sigma_t * noise", "x_t = alpha_t * x0 + sigma_s * noise"),
+    # issue 31: how sd_step wires the networks, inside splad_loss, the defaults (each class passed the suite before)
+    "sd_step: a full run's target is the online student, not its EMA copy": (
+        "unet_eps(target, sd.sched, sd.prediction_type, gamma_kind=kind, amp=amp)",
+        "unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind, amp=amp)"),
+    "sd_step: a LoRA run's teacher keeps its adapters on": (
+        "adapters=not lora, amp=amp)", "adapters=True, amp=amp)"),
+    "sd_step: the student without its gamma": (
+        "loss = splad_step(unet_eps(online, sd.sched, sd.prediction_type, gamma_kind=kind, amp=amp),",
+        "loss = splad_step(unet_eps(online, sd.sched, sd.prediction_type, amp=amp),"),
+    "splad_loss: the target at the drawn gamma, not at gamma = 1": (
+        "target(x_s, s, cond, ones)", "target(x_s, s, cond, gamma)"),
+    "splad_loss: no stop-gradient on the target (a LoRA run's target is the student)": (
+        "    with torch.no_grad():\n        ones = torch.ones_like(gamma)\n",
+        "    if True:\n        ones = torch.ones_like(gamma)\n"),
+    "SPLADConfig: EMA rate 0.995, not Appendix A's 0.95": (
+        "ema_mu: float = 0.95", "ema_mu: float = 0.995"),
+    "train: LCM's max_grad_norm 1.0 as the default, not Appendix A's 10": (
+        'default=10.0, help="gradient clipping (Appendix A)"', 'default=1.0, help="gradient clipping (Appendix A)"'),
+    "train: AdamW with betas (0.9, 0.99)": (
+        "lr=args.lr, weight_decay=args.weight_decay)", "lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))"),
 }
 
 

@@ -502,3 +502,172 @@ def test_import_is_light():
 
     code = "import sys, minisplam; assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- Eq. 17 written out, and the defaults against the paper (issue 31) -----------------------------
+
+
+def splad_loss_written_out(student, target, teacher, x0, cond, uncond, t, gamma, noise, cfg):
+    """L_SLAD (Eq. 17) written out from the paper with none of minisplam's helpers: the VP coefficients of
+    diffusers' DDPMScheduler; the teacher's guided DDIM (Alg. 1's inner loop, multiple estimation of Eq. 18) as
+    DDIMScheduler.step, sample by sample, cond and uncond in two calls, stopping at the t = 0 boundary; the SL point
+    and sigma'(gamma, t) (Eq. 12 and the line after Eq. 15); F = c_skip x + c_out (x - sigma eps) / alpha (Eq. 14,
+    16) with LCM's c_skip, c_out (sigma_data 0.5, timestep scaling 10); F_theta at (x_gamma, t, gamma) and, under
+    stop-gradient, F_theta^- at (x_hat_{t-k}, t-k) with gamma = 1; the pseudo-Huber (c = cfg.huber_c) or L2 distance.
+    student(x, t, c, gamma), target(x, t, c, gamma) and teacher(x, t, c) return eps; cfg only carries the numbers
+    k, k_phi, multiple_estimation, w, loss, huber_c."""
+    ac = DDPMScheduler(**SD).alphas_cumprod
+    bc = lambda v: v.reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    alpha, sigma = (lambda u: bc(ac[u].sqrt())), (lambda u: bc((1 - ac[u]).sqrt()))
+    s = (t - cfg.k).clamp(min=0)                                     # t - k; below 0: the boundary t = 0
+    x_t = alpha(t) * x0 + sigma(t) * noise
+    step = cfg.k_phi if cfg.multiple_estimation else cfg.k
+    ddim = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False)   # a step from 19 lands on t = 0
+    ddim.set_timesteps(1000 // step)                                 # steps of size `step`
+    rows = []
+    with torch.no_grad():
+        for b in range(x0.shape[0]):
+            x = x_t[b:b + 1]
+            for tau in range(int(t[b]), int(t[b]) - cfg.k, -step):  # t, t - k_phi, ..., t - k + k_phi
+                if tau < 0:
+                    break                                            # already at t = 0
+                tt = torch.tensor([tau])
+                e_c, e_u = teacher(x, tt, cond[b:b + 1]), teacher(x, tt, uncond[b:b + 1])
+                x = ddim.step(e_u + cfg.w * (e_c - e_u), tau, x).prev_sample
+            rows.append(x)
+    x_s = torch.cat(rows)                                            # x_hat_{t-k}
+    g, r = bc(gamma), alpha(t) / alpha(s)
+    x_g = (1 - g) * r * x_s + g * x_t                                # Eq. 12
+    sigma_g = (1 - g) * r * sigma(s) + g * sigma(t)                  # sigma'(gamma, t); alpha(gamma, t) = alpha(t)
+
+    def F(x, eps, u, a, sg):                                         # Eq. 16 with Eq. 14's x0 = (x - sigma eps) / alpha
+        ts = bc(u.double() * 10.0)
+        return bc(0.25 / (ts**2 + 0.25)) * x + bc(ts / (ts**2 + 0.25).sqrt()) * (x - sg * eps) / a
+
+    pred = F(x_g, student(x_g, t, cond, gamma), t, alpha(t), sigma_g)
+    with torch.no_grad():
+        tgt = F(x_s, target(x_s, s, cond, torch.ones_like(gamma)), s, alpha(s), sigma(s))
+    d2 = (pred - tgt) ** 2
+    return d2.mean() if cfg.loss == "l2" else ((d2 + cfg.huber_c**2).sqrt() - cfg.huber_c).mean()
+
+
+@pytest.mark.parametrize("k,me,loss,w", [(100, True, "huber", 3.0), (100, False, "l2", 8.0), (20, True, "huber", 8.0)],
+                         ids=["k100-ME-huber", "k100-one-step-l2", "k20"])
+def test_splad_loss_is_eq17_written_out(sched, k, me, loss, w):
+    """splad_loss against splad_loss_written_out, with three different networks: a student whose gamma path acts,
+    an EMA target whose weights differ from the student's, a class-conditional teacher; t above and below k (the
+    t = 0 boundary), gamma at 0, 1 and between. The same loss and gradient; and with target = the student module
+    itself (a LoRA run) the same gradient: none flows through the target. Swapping student and target, t and t-k,
+    gamma and 1 for the target, x_gamma and x_hat_{t-k}, sigma' and sigma(t), or dropping the stop-gradient, fails."""
+    import copy
+
+    from toy import toy2d
+
+    torch.manual_seed(0)
+    student = toy2d.MLP(16)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)   # a gamma path that acts
+    target = copy.deepcopy(student).requires_grad_(False)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.1 * torch.randn_like(p))                                  # theta^- != theta
+    teacher_net = toy2d.MLP(16).requires_grad_(False)
+    teacher = lambda x, t, c: teacher_net(x, t, c)
+    cfg = ms.SPLADConfig(k=k, multiple_estimation=me, loss=loss, w=w)
+    x0, lab = torch.randn(8, 2), torch.arange(8) % 2
+    null = torch.full_like(lab, toy2d.NULL)
+    t = torch.tensor([999, 779, 519, 259, 119, 99, 59, 19])
+    gamma = torch.tensor([0.3, 1.0, 0.0, 0.7, 0.5, 1.0, 0.9, 0.2])
+    noise = torch.randn(8, 2)
+    params = list(student.parameters())
+    for tgt in (target, student):
+        ours = ms.splad_loss(student, tgt, teacher, x0, lab, null, t, gamma, noise, sched, cfg)
+        ref = splad_loss_written_out(student, tgt, teacher, x0, lab, null, t, gamma, noise, cfg)
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=0), (ours.item(), ref.item())
+        g_ours, g_ref = (torch.cat([g.flatten() for g in torch.autograd.grad(v, params)]) for v in (ours, ref))
+        assert (g_ours - g_ref).norm() < 1e-5 * g_ref.norm(), ((g_ours - g_ref).norm() / g_ref.norm()).item()
+
+
+# The defaults of SPLADConfig, `train` and sd_step against their sources (issue 31). "paper": Appendix A of
+# shared/papers/slam-arxiv-with-appendix.txt ("A Implementation Details"; Alg. 1 and Sec. 5.1 where the row says).
+# "LCM": the argparse defaults of diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py, whose
+# w is the Imagen form (w_min/w_max "have 1 added to them" vs the LCM paper), the same as ours. None: not given.
+# setting: (ours, paper, LCM, which of them ours follows, the sources' words). "ours": a deliberate departure,
+# which DEPARTURES says where it is documented. The AdamW rows are what `train` builds (test_sd.py checks that).
+DEFAULTS = {
+    "objective": ("splam", "splam", "lcm", "paper", "SLAD, Alg. 1; LCM's objective is gamma = 1 (Eq. 7)"),
+    "k": (100, 100, 20, "paper", "SD 1.5: 'when k=100 and k_phi = 20 ... 6k training iterations'; SD 2.1-base: k = 20, "
+                                 "as LCM (topk = 1000 // num_ddim_timesteps)"),
+    "k_phi": (20, 20, 20, "paper", "'uniformly set the solver skipping step size k_phi to 20'; LCM: "
+                                   "num_ddim_timesteps 50 of T = 1000"),
+    "multiple_estimation": (True, True, False, "paper", "SD 1.5 'with multiple estimation (ME)', k/k_phi DDIM steps; "
+                                                        "LCM: one DDIM step"),
+    "w": (8.0, 8.0, "U[5, 15]", "paper", "'all ablation studies are under SDv1.5 with w = 8 by default' (the SD 1.5 "
+                                         "FID headline: w = 3; SD 2.1-base: 8); LCM draws w in [w_min, w_max]"),
+    "loss": ("huber", "huber", "l2", "paper", "SD 1.5: 'we adopt the huber loss in [43]' (SD 2.1-base: L2 = LCM's "
+                                              "loss_type)"),
+    "huber_c": (0.001, None, 0.001, "LCM", "the paper gives no c; LCM huber_c 0.001"),
+    "ema_mu": (0.95, 0.95, 0.95, "paper", "'EMA with a decay rate of 0.95'; LCM ema_decay 0.95"),
+    "gamma_one_share": (0.5, 0.0, None, "ours", "Alg. 1: gamma ~ U[0, 1]; ours sets half the draws to exactly 1 "
+                                                "(toy/results/README.md)"),
+    "gamma_features": ("authors", None, None, "authors", "the paper: 'Fourier embeddings ... fed into the models as an "
+                                                         "input'; ours: the authors' script, through LCM's w "
+                                                         "embedding (256 = LCM's unet_time_cond_proj_dim)"),
+    "T": (1000, 1000, 1000, "paper", "SD's 1000 training timesteps"),
+    "lr": (8e-6, 8e-6, 1e-4, "paper", "'a learning rate configured to 8e-6'; LCM learning_rate 1e-4"),
+    "weight_decay": (0.0, 0.0, 1e-2, "paper", "'a weight decay of 0'; LCM adam_weight_decay 1e-2"),
+    "adamw_betas": ((0.9, 0.999), None, (0.9, 0.999), "LCM", "the paper: 'AdamW', no betas; LCM adam_beta1 0.9, "
+                                                             "adam_beta2 0.999"),
+    "adamw_eps": (1e-8, None, 1e-8, "LCM", "LCM adam_epsilon 1e-08"),
+    "max_grad_norm": (10.0, 10.0, 1.0, "paper", "'gradient clipping with an L2 norm threshold of 10'; LCM "
+                                                "max_grad_norm 1.0"),
+    "max_steps": (6000, 6000, None, "paper", "SD 1.5: 'it just costs 6k training iterations'"),
+    "resolution": (512, None, 512, "LCM", "LCM resolution 512 (SD 1.5 / 2.1-base)"),
+    "batch_size": (8, 1024, 16, "ours", "'a total batch size of 1024 distributed across 16 A100 GPUs'; LCM "
+                                        "train_batch_size 16 per device; ours: 8 per process, for one GPU"),
+}
+
+# where each departure is documented: (what, text that must say so)
+DEPARTURES = {
+    "gamma_one_share": [("SPLADConfig's docstring", "gamma_one_share = 0.5 (the paper: 0"),
+                        ("train --help", "share of gamma draws at exactly 1; the paper's U[0, 1] is 0"),
+                        ("README.md", "the paper's gamma distribution, U[0, 1]: add --gamma-one-share 0")],
+    "batch_size": [("train --help", "--batch-size BATCH_SIZE images per step and process (default: 8)"),
+                   ("README.md", "`--batch-size` is per GPU")],
+}
+
+
+def train_parser():
+    return ms.build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def test_defaults_follow_appendix_a_lcm_or_a_documented_departure():
+    """SPLADConfig's fields, `train`'s option defaults and sd_step's / splad_step's clipping default are the table's
+    `ours`; each row's `ours` is the value of the source it names, or, where it names "ours", a departure from the
+    paper that DEPARTURES finds documented. A default changed in the code, or a table row changed to match a wrong
+    default, fails here."""
+    import inspect
+    from dataclasses import asdict
+    from pathlib import Path
+
+    for name, (ours, paper, lcm, follows, _) in DEFAULTS.items():
+        want = {"paper": paper, "LCM": lcm}.get(follows, ours)
+        assert ours == want, f"{name}: ours {ours!r} but {follows} says {want!r}"
+        assert (follows == "ours") == (name in DEPARTURES), name
+        if follows == "ours":
+            assert ours != paper, name
+    cfg = asdict(ms.SPLADConfig())
+    assert cfg == {k: DEFAULTS[k][0] for k in cfg}                         # every field has a row
+    args = vars(train_parser().parse_args(["--teacher", "t", "--data", "d", "--output-dir", "o"]))
+    cli = {k: v for k, v in args.items() if k in DEFAULTS}
+    assert cli == {k: DEFAULTS[k][0] for k in cli}
+    assert set(DEFAULTS) - set(cli) == {"T", "multiple_estimation", "adamw_betas", "adamw_eps"}   # no option for these
+    assert args["no_multiple_estimation"] is not DEFAULTS["multiple_estimation"][0]
+    assert ms.splad_config(args) == ms.SPLADConfig()                        # the CLI's defaults are the library's
+    for fn in (ms.splad_step, ms.sd_step):
+        assert inspect.signature(fn).parameters["max_grad_norm"].default == DEFAULTS["max_grad_norm"][0], fn
+    docs = {"SPLADConfig's docstring": " ".join(ms.SPLADConfig.__doc__.split()),
+            "train --help": " ".join(train_parser().format_help().split()),
+            "README.md": (Path(ms.__file__).parent / "README.md").read_text()}
+    for name, places in DEPARTURES.items():
+        for where, text in places:
+            assert text in docs[where], f"{name}: {where} does not say {text!r}"

@@ -741,3 +741,122 @@ def test_sd_step_latents_are_the_pipelines_scaled_vae_latents(teacher, monkeypat
     with torch.no_grad():
         ref = retrieve_latents(sd.pipe.vae.encode(x), torch.Generator().manual_seed(0)) * sd.pipe.vae.config.scaling_factor
     assert sd.pipe.vae.config.scaling_factor != 1 and torch.allclose(z0, ref, atol=1e-5)
+
+
+# --- which module plays teacher, student and target in a real SD step (issue 31) ---------------------
+
+
+def _authors_gamma_features(gamma):
+    """The UNet's timestep_cond, written out: the authors' index 10 - 10 gamma through LCM's x1000 w embedding
+    (256 dims), minus its value at gamma = 1 (Sec. 4.2)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    phi = lambda g: get_timestep_embedding(1000 * (10 - 10 * g), 256, flip_sin_to_cos=False, downscale_freq_shift=1)
+    return phi(gamma) - phi(torch.ones_like(gamma))
+
+
+def _unet_as_eps(net):
+    """A diffusers UNet called directly, as the eps callables of splad_loss_written_out."""
+    return lambda x, t, c, gamma=None: net(x, t, encoder_hidden_states=c, timestep_cond=(
+        None if gamma is None else _authors_gamma_features(gamma))).sample
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sd_step_hands_teacher_student_and_target_as_eq17_says(teacher, lora):
+    """One sd_step, after two that move the weights away from their start, against an independent composition of
+    Eq. 17 (test_core.splad_loss_written_out): the frozen teacher is a separate copy of the teacher's UNet, loaded
+    again (a LoRA run's teacher is its student with the adapters off, which must be the same thing), solving with
+    diffusers' guided DDIM; the target is the EMA copy (full) or the online student under stop-gradient (LoRA); the
+    student sees its gamma through timestep_cond. The draws come from a generator seeded as sd_step's, in its
+    order (VAE latents, t, gamma, noise). The loss and the weights after the step (AdamW, clipping, EMA) must match.
+    A target that is the online student in a full run, a teacher with its adapters on, a student without its gamma,
+    the EMA pair swapped all fail."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+    from test_core import splad_loss_written_out
+
+    sd = ms.load_sd(teacher)
+    cfg = ms.SPLADConfig(k=40, w=3.0)                                       # two teacher DDIM steps of k_phi = 20
+    student, target = ms.make_student(sd, "cpu", cfg.gamma_features, lora_rank=4 if lora else 0)
+    frozen = UNet2DConditionModel.from_pretrained(teacher, subfolder="unet").requires_grad_(False)
+    prompts = ["a red square", "a blue circle"]
+    px = torch.stack([ms.load_image(io.BytesIO(_png((40 + 80 * i, 90, 200 - 80 * i), (16, 16))), 16)[0]
+                      for i in range(2)])
+    batch, uncond1 = {"pixels": px, "text": prompts}, ms.encode_prompts(sd, [""], "cpu", null=True)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    for seed in (0, 1):
+        ms.sd_step(sd, student, student, target, opt, cfg, batch, uncond1, torch.Generator().manual_seed(seed))
+    named = dict(student.named_parameters())
+    assert named["time_embedding.cond_proj.weight"].abs().max() > 1e-4         # the gamma path has trained
+    if lora:
+        assert target is student and max(p.abs().max() for k, p in named.items() if "lora_B" in k) > 1e-4
+    else:
+        assert max((a - b).abs().max() for a, b in zip(student.parameters(), target.parameters())) > 1e-4
+
+    ref_s = copy.deepcopy(student)
+    ref_t = ref_s if lora else copy.deepcopy(target)
+    ref_opt = torch.optim.AdamW([p for p in ref_s.parameters() if p.requires_grad], lr=1e-3)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    before = [p.detach().clone() for p in student.parameters()]
+    loss = ms.sd_step(sd, student, student, target, opt, cfg, batch, uncond1, torch.Generator().manual_seed(2))
+
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        z0 = sd.pipe.vae.encode(px).latent_dist.sample(g) * sd.pipe.vae.config.scaling_factor
+        cond = sd.pipe.encode_prompt(prompts, "cpu", 1, False)[0]
+    t, gamma = ms.sample_timesteps(2, cfg, g), ms.sample_gamma(2, cfg, g)
+    noise = torch.randn(z0.shape, generator=g)
+    assert (gamma < 1).any() and (t >= cfg.k).any()       # the gamma path acts in this step, away from t = 0
+    ref_loss = splad_loss_written_out(_unet_as_eps(ref_s), _unet_as_eps(ref_t), _unet_as_eps(frozen), z0, cond,
+                                      uncond1.expand_as(cond), t, gamma, noise, cfg)
+    ref_opt.zero_grad()
+    ref_loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in ref_s.parameters() if p.requires_grad], 10.0)   # Appendix A
+    ref_opt.step()
+    if not lora:
+        with torch.no_grad():
+            for p_t, p in zip(ref_t.parameters(), ref_s.parameters()):
+                p_t.mul_(cfg.ema_mu).add_((1 - cfg.ema_mu) * p)                # Alg. 1, last line
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=0), (loss.item(), ref_loss.item())
+    mods = [(student, ref_s)] + ([] if lora else [(target, ref_t)])
+    diff = max((a - b).abs().max().item() for m, r in mods for a, b in zip(m.parameters(), r.parameters()))
+    moved = max((a - b).abs().max().item() for a, b in zip(student.parameters(), before))
+    print(f"{'LoRA' if lora else 'full'}: loss {loss.item():.6g} vs {ref_loss.item():.6g}; the step moves the "
+          f"weights by up to {moved:.1e}, the two differ by {diff:.1e}")
+    assert diff < 1e-2 * moved
+
+
+def test_train_hands_sd_step_the_default_config_and_optimizer(teacher, data, tmp_path, monkeypatch):
+    """`train` with every method and optimisation option at its default hands sd_step SPLADConfig() and the
+    table's values (test_core.DEFAULTS: Appendix A, LCM's script or a documented departure): AdamW over exactly the
+    student's trainable weights with the table's lr, betas, eps and weight decay, clipping at max_grad_norm, images
+    at the default resolution, the EMA target a separate copy of the student."""
+    from test_core import DEFAULTS
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def first_step(sd, online, student, target, opt, cfg, batch, uncond1, generator, low_dtype, max_grad_norm):
+        seen.update(student=student, target=target, opt=opt, cfg=cfg, batch=batch, max_grad_norm=max_grad_norm)
+        raise Stop
+
+    monkeypatch.setattr(ms, "sd_step", first_step)
+    with pytest.raises(Stop):
+        ms.main(["train", "--teacher", teacher, "--data", data, "--output-dir", str(tmp_path / "r"),
+                 "--num-workers", "0"])
+    cfg, opt, student = seen["cfg"], seen["opt"], seen["student"]
+    assert cfg == ms.SPLADConfig() and all(getattr(cfg, k) == DEFAULTS[k][0] for k in vars(cfg))
+    assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
+    assert {k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad")} == {
+        "lr": DEFAULTS["lr"][0], "betas": DEFAULTS["adamw_betas"][0], "eps": DEFAULTS["adamw_eps"][0],
+        "weight_decay": DEFAULTS["weight_decay"][0], "amsgrad": False}
+    params = opt.param_groups[0]["params"]
+    assert len(params) == len(list(student.parameters()))
+    assert all(a is b for a, b in zip(params, student.parameters()))               # the full UNet and the gamma path
+    assert seen["max_grad_norm"] == DEFAULTS["max_grad_norm"][0]
+    assert seen["batch"]["pixels"].shape[-2:] == (DEFAULTS["resolution"][0],) * 2
+    assert seen["target"] is not student and not any(p.requires_grad for p in seen["target"].parameters())
+    assert all(torch.equal(a, b) for a, b in zip(seen["target"].parameters(), student.parameters()))
