@@ -268,3 +268,21 @@ def test_fixed_point_error_is_the_zero_loss_students_1_step_error(sched):
     x1 = ms.sample(chain_student(20), ev.x_T, ev.labels, sched, ms.lcm_timesteps(1, sched.T))
     assert abs(ev.one_step_error(x1) - ev.fixed_point_error(20)) < 1e-5
     assert ev.fixed_point_error(20) < ev.fixed_point_error(100)              # a coarser solver, a worse floor
+
+
+def test_study_ablations_quick_keeps_students_that_reproduce_their_metrics(tmp_path):
+    """--ablations --quick: one method of each kind; every final student is kept, and reloading it reproduces the
+    metrics the JSON recorded (so a new metric never needs retraining); the baselines and delta(t) tables exist."""
+    from toy import study
+
+    rep = study.main(["--quick", "--ablations", "--workers", "1", "--out", str(tmp_path)])
+    assert {r["method"] for r in rep["runs"]} == {"LCM k=20", "SPLAM paper k=20", "SPLAM ours k=20", "SPLAM authors k=20",
+                                                  "u-ablation half k=20", "DL half k=20", "LCM k=100 noME"}
+    assert {"DDIM", "DPM-Solver++(2M)", "pre-trained (no distillation)"} == set(rep["baselines"])
+    assert rep["delta_table"].count("\n| ") == 2 * 3 and rep["baseline_table"].count("\n| ") == 3
+    r = next(x for x in rep["runs"] if x["method"] == "SPLAM ours k=20")
+    net = study.load_student(tmp_path / "cache", rep["settings"], "exact", 128, 0, r["method"], r["spec"])
+    _, ev = study.evaluation_set(rep["settings"], "exact", 128, 0, tmp_path / "cache")
+    again = toy2d.evaluate(net, ev, ev.sched, 0)
+    assert all(abs(again[m] - r[m]) < 1e-6 for m in ("err_1step", "nll_1", "nll_4", "split_2"))
+    assert len(study.main(["--quick", "--ablations", "--workers", "1", "--out", str(tmp_path)])["runs"]) == 7   # resumes
