@@ -331,3 +331,27 @@ def test_the_toy_readme_main_study_reading_is_its_json():
     assert ("63 runs of the 2D toy (51 of 10,000 iterations on 3 seeds, 6 one-seed screens of the γ path at 5,000 and 6 "
             "runs of 30,000)") in readme
     assert len(json.loads((ROOT / "toy" / "results" / "study2d_ablations.json").read_text())["runs"]) == 60
+
+
+def test_the_toy_readme_image_toy_reading_is_its_json():
+    """The image toy's comparisons in toy/results/README.md (solvers against the distilled models, seeds 0-3; AMED and
+    iPNDM on seed 0), over image_toy_seeds.json and image_toy_full/image_toy.json."""
+    text = " ".join((ROOT / "toy" / "results" / "README.md").read_text().split())
+    seeds = json.loads((ROOT / "toy" / "results" / "image_toy_seeds.json").read_text())
+    wins = {row["nfe"]: (sum(a < b for a, b in zip(row["lcm_fd"], row["best_solver_fd"])),
+                         sum(a < b for a, b in zip(row["splam_fd"], row["best_solver_fd"])))
+            for row in seeds["rows"] if row["nfe"] >= 2}
+    assert wins == {2: (4, 4), 3: (4, 3), 4: (4, 2), 5: (2, 2), 8: (1, 2)}
+    assert "LCM beats it on 4 of 4 seeds at 2, 3 and 4 NFE, SPLAM on 4, 3 and 2 of 4" in text
+    assert "at 5 NFE each distilled model wins on 2 of 4 seeds, at 8 NFE LCM on 1 and SPLAM on 2" in text
+    r = json.loads((ROOT / "toy" / "results" / "image_toy_full" / "image_toy.json").read_text())["results"]
+    fd = lambda m, n: r[m][str(n)]["fd_proxy"]  # noqa: E731
+    err = lambda m, n: r[m][str(n)]["err_to_ode"]  # noqa: E731
+    nfes = (2, 3, 4, 5, 8)
+    assert [n for n in nfes if fd("AMED-Solver", n) < fd("DDIM", n)] == [3, 4, 5]
+    assert not [n for n in nfes if err("AMED-Solver", n) < err("DDIM", n)]
+    assert all(fd("AMED-Solver", n) > max(fd("UniPC", n), fd("DPM-Solver++(2M)", n)) for n in nfes)
+    assert all(fd("iPNDM", n) > max(fd("UniPC", n), fd("DPM-Solver++(2M)", n)) for n in (2, 3, 4, 5))
+    solvers = ("DDIM", "DPM-Solver++(2M)", "UniPC", "iPNDM", "AMED-Solver")
+    assert min(solvers, key=lambda m: fd(m, 8)) == "iPNDM"
+    assert f"the teacher's own 100-step samples score {r['teacher ODE (100 steps)']['ref']['fd_proxy']:.1f}" in text
