@@ -396,9 +396,18 @@ def anneal_study(a, settings):
             f"the same for LCM and SPLAM): {report['summary'][0]['fixed_point_err']['mean']:.4f} ± "
             f"{report['summary'][0]['fixed_point_err']['std']:.4f}." + (f" Not run yet: {', '.join(missing)} (the same "
             f"command resumes them)." if missing else ""),
-            "", report["doubling"], "", report["table"]]))
+            "", report["doubling"], "", anneal_modes(report) or report["table"]]))
     print(report["table"] + "\n\n" + report["doubling"])
     return report
+
+
+def anneal_modes(report):
+    """The annealed runs' mode metric (modes_table), budget by budget; None while a run predates the metric."""
+    rows = [r for r in report["summary"] if "nll_1" in r]
+    if len(rows) < len(report["summary"]):
+        return None
+    budget = lambda r: int(r["method"].rsplit(" cos", 1)[1].replace("k", "000"))  # noqa: E731
+    return modes_table(sorted(rows, key=lambda r: (budget(r), r["method"])))
 
 
 def plot_headline(report, path: Path):
