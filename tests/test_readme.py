@@ -427,3 +427,90 @@ def test_the_remaining_readings_are_their_json():
     out = "".join("".join(o.get("text", "")) for c in nb2["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
     a, b = (float(v) for v in re.search(r"t=599: max \|measured - σ'\| = ([\d.]+),\s+max \|measured - Eq.24\| = ([\d.]+)", out).groups())
     assert a > 0.01 and f"within {a:.3f} of σ′ at t = 599, k = 100, against {b:.3f} for Eq. 24" in top
+
+
+def test_the_toy_readme_anneal_reading_is_its_json():
+    """The annealed check's reading in toy/results/README.md and README's NLL sentence, over study2d_anneal.json:
+    per-doubling changes, LCM ahead at every budget, the gap's ratios, the mode metric (NLL ratios, where the two are
+    level, splits at the floor), the u ablation's closes and the late minimum of SPLAM best's curves."""
+    R = ROOT / "toy" / "results"
+    text = " ".join((R / "README.md").read_text().split())
+    top = " ".join(README.read_text().split())
+    ann = json.loads((R / "study2d_anneal.json").read_text())
+    S = {r["method"]: r for r in ann["summary"]}
+    budgets = ann["settings"]["budgets"]
+    assert budgets == [10000, 20000, 40000, 80000]
+    ms = lambda m, n, e="err_1step": S[f"{m} k=20 cos{n // 1000}k"][e]["mean"]  # noqa: E731
+    sd = lambda m, n, e="err_1step": S[f"{m} k=20 cos{n // 1000}k"][e]["std"]  # noqa: E731
+    ahead = lambda a, b, n, e: ms(b, n, e) - sd(b, n, e) - ms(a, n, e) - sd(a, n, e) > 0  # noqa: E731  beyond spreads
+    change = {m: [round(100 * (ms(m, b) / ms(m, a) - 1)) for a, b in zip(budgets, budgets[1:])]
+              for m in ("LCM", "SPLAM best", "SPLAM paper")}
+    assert all(c <= -5 for cs in change.values() for c in cs)                            # none converged
+    for m, name in (("LCM", "LCM"), ("SPLAM best", "SPLAM best"), ("SPLAM paper", "the paper's SPLAM")):
+        assert f"{name} " + ", ".join(f"−{-c}%" for c in change[m]) in text
+    assert (min(change["LCM"] + change["SPLAM best"]), max(change["LCM"] + change["SPLAM best"])) == (-40, -25)
+    assert "by 25-40%" in text and f"LCM's {ms('LCM', 80000):.3f} is still {ms('LCM', 80000) / ann['runs'][0]['fixed_point_err']:.0f}× the floor" in text
+    assert all(ahead("LCM", m, n, "err_1step") for n in budgets for m in ("SPLAM best", "SPLAM paper"))
+    assert ahead("LCM", "SPLAM best", 10000, "err_1step") and ms("LCM", 10000) + sd("LCM", 10000) < ms("SPLAM best", 40000) - sd("SPLAM best", 40000)
+    assert f"LCM at 10,000 iterations ({ms('LCM', 10000):.3f}) is already better than SPLAM best at 40,000 ({ms('SPLAM best', 40000):.3f})" in text
+    assert ms("LCM", 20000) < ms("SPLAM best", 80000) and \
+        f"at 20k, {ms('LCM', 20000):.3f}, is below SPLAM best at 80k, {ms('SPLAM best', 80000):.3f}" in text
+    rows = [r.split("|") for r in ann["doubling"].splitlines() if r.startswith("| SPLAM ")]
+    ratio = {(r[1].strip(), int(r[2].replace(",", ""))): float(r[4].strip(" ×")) for r in rows}
+    assert "2.54× LCM's error (10k) to 2.47× (20k), 1.98× (40k) and 2.04× (80k)" in text
+    assert [ratio["SPLAM best k=20", n] for n in budgets] == [2.54, 2.47, 1.98, 2.04]
+    assert [round(ratio["SPLAM paper k=20", n]) for n in budgets] == [27, 25, 20, 23]
+    assert f"23× at 80k ({S['SPLAM paper k=20 cos80k']['err_1step']['mean']:.3f} ± {sd('SPLAM paper', 80000):.3f}, −19%)" in text
+    paper = [r for r in ann["runs"] if r["method"] == "SPLAM paper k=20 cos80k"]
+    start = [r["curve"]["err_1"][0] for r in paper]
+    fell = [100 * (1 - r["err_1step"] / r["curve"]["err_1"][0]) for r in paper]
+    assert len(paper) == 3 and f"only {round(min(fell))}-{round(max(fell))}% below where its curve started before " \
+        f"distillation ({min(start):.2f}-{max(start):.2f};" in text and min(fell) > 0
+    # the mode metric: NLL ratios, LCM ahead beyond the spreads except at 80k and 4 steps, splits at the floor
+    nll1 = [ms("SPLAM best", n, "nll_1") / ms("LCM", n, "nll_1") for n in budgets]
+    assert "is " + ", ".join(f"{v:.1f}×" for v in nll1[:3]) + f" and {nll1[3]:.1f}× LCM's at 10k, 20k, 40k and 80k" in text
+    assert f"LCM {ms('LCM', 10000, 'nll_1'):.2f} → {ms('LCM', 80000, 'nll_1'):.2f} nats, SPLAM best " \
+           f"{ms('SPLAM best', 10000, 'nll_1'):.2f} → {ms('SPLAM best', 80000, 'nll_1'):.2f}" in text
+    nll4 = [ms("SPLAM best", n, "nll_4") / ms("LCM", n, "nll_4") for n in budgets]
+    assert f"falls from {nll4[0]:.1f}× to {nll4[-1]:.1f}×" in text and nll4 == sorted(nll4, reverse=True)
+    level = [(n, s) for n in budgets for s in (1, 2, 4) if not ahead("LCM", "SPLAM best", n, f"nll_{s}")]
+    assert level == [(80000, 4)] and all(ms("LCM", n, f"nll_{s}") < ms("SPLAM best", n, f"nll_{s}")
+                                         for n in budgets for s in (1, 2, 4))
+    assert f"({ms('LCM', 80000, 'nll_4'):.3f} ± {sd('LCM', 80000, 'nll_4'):.3f} and " \
+           f"{ms('SPLAM best', 80000, 'nll_4'):.3f} ± {sd('SPLAM best', 80000, 'nll_4'):.3f})" in text
+    splits = {m: [r[f"split_{s}"]["mean"] for r in ann["summary"] if r["method"].startswith(m) for s in (1, 2, 4)]
+              for m in ("LCM", "SPLAM best", "u-ablation", "SPLAM paper")}
+    floor = ann["summary"][0]["split_floor"]["mean"]
+    tight = splits["LCM"] + splits["SPLAM best"] + splits["u-ablation"]
+    assert f"at most {max(tight):.3f} at every budget (noise floor {floor:.3f}), the paper's SPLAM's " \
+           f"{min(splits['SPLAM paper']):.3f}-{max(splits['SPLAM paper']):.3f}" in text
+    assert max(tight) < 2 * floor < min(splits["SPLAM paper"])
+    sw = [S[f"{m} k=20 cos80k"]["sw2_1"]["mean"] for m in ("LCM", "SPLAM best")]
+    assert all(v < S["LCM k=20 cos80k"]["noise_floor"]["mean"] for v in sw)
+    assert f"({sw[0]:.3f} and {sw[1]:.3f} at 80k, floor {S['LCM k=20 cos80k']['noise_floor']['mean']:.3f})" in text
+    # the u ablation, annealed: the share of each gap it closes, and LCM still ahead of it at 20k
+    closes = lambda a, u, n: (ms(a, n) - ms(u, n)) / (ms(a, n) - ms("LCM", n))  # noqa: E731
+    half = [round(100 * closes("SPLAM best", "u-ablation half", n)) for n in (10000, 20000)]
+    zero = [round(100 * closes("SPLAM paper", "u-ablation", n)) for n in (10000, 20000)]
+    assert f"closes {half[0]}% (10k) and {half[1]}% (20k)" in text and f"and {zero[0]}% and {zero[1]}% of the gap" in text
+    assert ahead("LCM", "u-ablation half", 20000, "err_1step") and \
+        f"20k: {ms('LCM', 20000):.3f} ± {sd('LCM', 20000):.3f} against {ms('u-ablation half', 20000):.3f} ± " \
+        f"{sd('u-ablation half', 20000):.3f}" in text
+    # SPLAM best's curves bottom out before the end from 20k on; LCM's late
+    low = {(r[1].strip(), int(r[2].replace(",", ""))): (float(r[7].split("(")[0]), int(r[7].split("(")[1].strip("%) ")))
+           for r in (x.split("|") for x in ann["doubling"].splitlines() if x.startswith("| "))
+           if r[2].strip().replace(",", "").isdigit()}
+    best = [(low["SPLAM best k=20", n], ms("SPLAM best", n)) for n in budgets[1:]]
+    at = [b[0][1] for b in best]
+    curves = lambda n: [r["curve"]["err_1"] for r in ann["runs"] if r["method"] == f"SPLAM best k=20 cos{n // 1000}k"]  # noqa: E731
+    below = [100 * (1 - sum(map(min, curves(n))) / 3 / ms("SPLAM best", n)) for n in budgets[1:]]  # as the table's column
+    assert f"lowest point is at {min(at)}-{max(at)}% of the budget from 20,000 on, {round(min(below))}-{round(max(below))}% below" in text
+    lcm_at = [low["LCM k=20", n][1] for n in budgets]
+    assert f"LCM's is at {min(lcm_at)}-{max(lcm_at)}%" in text
+    # README: the NLL excess of the finding
+    assert "By the 1-step samples' NLL excess under the true mixture (right panel) the order is the same: " \
+           f"{ms('LCM', 80000, 'nll_1'):.2f} ± {sd('LCM', 80000, 'nll_1'):.2f} nats for LCM, " \
+           f"{ms('SPLAM best', 80000, 'nll_1'):.2f} ± {sd('SPLAM best', 80000, 'nll_1'):.2f} for SPLAM with half of its γ's at 1, " \
+           f"{ms('SPLAM paper', 80000, 'nll_1'):.1f} ± {sd('SPLAM paper', 80000, 'nll_1'):.1f} for the paper's SPLAM " \
+           f"(noise floor {ann['summary'][0]['nll_floor']['mean']:.3f})" in top
+    assert ms("LCM", 80000, "nll_1") < ms("SPLAM best", 80000, "nll_1") < ms("SPLAM paper", 80000, "nll_1")

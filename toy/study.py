@@ -424,7 +424,7 @@ def plot_headline(report, path: Path):
     for r in report["runs"]:
         by.setdefault(r["method"].rsplit(" cos", 1)[0], {}).setdefault(r["curve"]["iter"][-1], []).append(r)
     label = {"LCM k=20": "LCM", "SPLAM best k=20": "SPLAM ours (half of the γ's at 1)", "SPLAM paper k=20":
-             "SPLAM paper (γ ~ U[0, 1])", "u-ablation half k=20": "u ablation, half at 1", "u-ablation k=20": "u ablation"}
+             "SPLAM paper (γ ~ U[0, 1])", "u-ablation half k=20": "u ablation, half at 1", "u-ablation k=20": "u ablation, no γ at 1"}
     budgets = sorted({n for d in by.values() for n in d})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for (metric, ax, ylabel) in (("err_1step", axes[0], "final 1-step error to the teacher's ODE (data units)"),
@@ -445,6 +445,7 @@ def plot_headline(report, path: Path):
         ax.minorticks_off()
     axes[0].set_title("2D toy, k = 20, exact teacher: the 1-step error")
     axes[1].set_title("the same runs: 1-step samples' NLL excess")
+    axes[0].legend(handles=[axes[0].lines[-1]], loc="lower left", bbox_to_anchor=(0, 0.06))  # the left panel's own floor
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
