@@ -584,7 +584,9 @@ def test_splad_loss_is_eq17_written_out(sched, k, me, loss, w):
         ref = splad_loss_written_out(student, tgt, teacher, x0, lab, null, t, gamma, noise, cfg)
         assert torch.allclose(ours, ref, rtol=1e-5, atol=0), (ours.item(), ref.item())
         g_ours, g_ref = (torch.cat([g.flatten() for g in torch.autograd.grad(v, params)]) for v in (ours, ref))
-        assert (g_ours - g_ref).norm() < 1e-5 * g_ref.norm(), ((g_ours - g_ref).norm() / g_ref.norm()).item()
+        # float32: at t = 999, x0 = (x - sigma eps) / alpha divides rounding by alpha = 0.068, and the Huber gradient
+        # d / sqrt(d^2 + c^2) passes it on; measured up to 1.8e-4 for one sample (1e-7 with the nets in float64)
+        assert (g_ours - g_ref).norm() < 1e-3 * g_ref.norm(), ((g_ours - g_ref).norm() / g_ref.norm()).item()
 
 
 # The defaults of SPLADConfig, `train` and sd_step against their sources (issue 31). "paper": Appendix A of
