@@ -453,8 +453,13 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     assert all(ahead("LCM", m, n, "err_1step") for n in budgets for m in ("SPLAM best", "SPLAM paper"))
     assert ahead("LCM", "SPLAM best", 10000, "err_1step") and ms("LCM", 10000) + sd("LCM", 10000) < ms("SPLAM best", 40000) - sd("SPLAM best", 40000)
     assert f"LCM at 10,000 iterations ({ms('LCM', 10000):.3f}) is already better than SPLAM best at 40,000 ({ms('SPLAM best', 40000):.3f})" in text
-    assert ms("LCM", 20000) < ms("SPLAM best", 80000) and \
-        f"at 20k, {ms('LCM', 20000):.3f}, is below SPLAM best at 80k, {ms('SPLAM best', 80000):.3f}" in text
+    assert ms("SPLAM best", 80000) - sd("SPLAM best", 80000) < ms("LCM", 20000) + sd("LCM", 20000)   # level
+    assert f"at 20k, {ms('LCM', 20000):.3f} ± {sd('LCM', 20000):.3f}, is level with SPLAM best at 80k, " \
+           f"{ms('SPLAM best', 80000):.3f} ± {sd('SPLAM best', 80000):.3f}, within their seeds' spread" in text
+    walls = {n: [r["wall_s"] / 60 for r in ann["runs"] if r["curve"]["iter"][-1] == n] for n in (10000, 80000)}
+    assert 1 <= min(walls[10000]) and max(walls[10000]) <= 2.5 and 8 <= min(walls[80000]) and max(walls[80000]) <= 12.5
+    assert f"({len(ann['runs'])} runs, {sum(r['wall_s'] for r in ann['runs']) / 60:.0f} core-minutes; a run of 10,000 " \
+           "iterations took 1-2.5 min, one of 80,000 took 8-12.5 min)" in text
     rows = [r.split("|") for r in ann["doubling"].splitlines() if r.startswith("| SPLAM ")]
     ratio = {(r[1].strip(), int(r[2].replace(",", ""))): float(r[4].strip(" ×")) for r in rows}
     assert "2.54× LCM's error (10k) to 2.47× (20k), 1.98× (40k) and 2.04× (80k)" in text
@@ -463,9 +468,9 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     assert f"23× at 80k ({S['SPLAM paper k=20 cos80k']['err_1step']['mean']:.3f} ± {sd('SPLAM paper', 80000):.3f}, −19%)" in text
     paper = [r for r in ann["runs"] if r["method"] == "SPLAM paper k=20 cos80k"]
     start = [r["curve"]["err_1"][0] for r in paper]
-    fell = [100 * (1 - r["err_1step"] / r["curve"]["err_1"][0]) for r in paper]
-    assert len(paper) == 3 and f"only {round(min(fell))}-{round(max(fell))}% below where its curve started before " \
-        f"distillation ({min(start):.2f}-{max(start):.2f};" in text and min(fell) > 0
+    fell = [100 * (1 - r["curve"]["err_1"][-1] / r["curve"]["err_1"][0]) for r in paper]   # on the curve's own noises
+    assert len(paper) == len(start) == 3 and min(fell) > 0 and \
+        f"seed by seed only {round(min(fell))}-{round(max(fell))}% below where it started before distillation" in text
     # the mode metric: NLL ratios, LCM ahead beyond the spreads except at 80k and 4 steps, splits at the floor
     nll1 = [ms("SPLAM best", n, "nll_1") / ms("LCM", n, "nll_1") for n in budgets]
     assert "is " + ", ".join(f"{v:.1f}×" for v in nll1[:3]) + f" and {nll1[3]:.1f}× LCM's at 10k, 20k, 40k and 80k" in text
@@ -482,9 +487,11 @@ def test_the_toy_readme_anneal_reading_is_its_json():
               for m in ("LCM", "SPLAM best", "u-ablation", "SPLAM paper")}
     floor = ann["summary"][0]["split_floor"]["mean"]
     tight = splits["LCM"] + splits["SPLAM best"] + splits["u-ablation"]
-    assert f"at most {max(tight):.3f} at every budget (noise floor {floor:.3f}), the paper's SPLAM's " \
+    runs = [r[f"split_{s}"] for r in ann["runs"] if not r["method"].startswith("SPLAM paper") for s in (1, 2, 4)]
+    assert f"at most {max(tight):.3f} at every budget by the mean over seeds (single runs up to {max(runs):.3f}, " \
+           f"{max(runs) / floor:.1f}× the noise floor of {floor:.3f}), the paper's SPLAM's " \
            f"{min(splits['SPLAM paper']):.3f}-{max(splits['SPLAM paper']):.3f}" in text
-    assert max(tight) < 2 * floor < min(splits["SPLAM paper"])
+    assert max(runs) < 2.5 * floor < min(splits["SPLAM paper"])
     sw = [S[f"{m} k=20 cos80k"]["sw2_1"]["mean"] for m in ("LCM", "SPLAM best")]
     assert all(v < S["LCM k=20 cos80k"]["noise_floor"]["mean"] for v in sw)
     assert f"({sw[0]:.3f} and {sw[1]:.3f} at 80k, floor {S['LCM k=20 cos80k']['noise_floor']['mean']:.3f})" in text
@@ -502,15 +509,20 @@ def test_the_toy_readme_anneal_reading_is_its_json():
            if r[2].strip().replace(",", "").isdigit()}
     best = [(low["SPLAM best k=20", n], ms("SPLAM best", n)) for n in budgets[1:]]
     at = [b[0][1] for b in best]
-    curves = lambda n: [r["curve"]["err_1"] for r in ann["runs"] if r["method"] == f"SPLAM best k=20 cos{n // 1000}k"]  # noqa: E731
-    below = [100 * (1 - sum(map(min, curves(n))) / 3 / ms("SPLAM best", n)) for n in budgets[1:]]  # as the table's column
-    assert f"lowest point is at {min(at)}-{max(at)}% of the budget from 20,000 on, {round(min(below))}-{round(max(below))}% below" in text
+    curves = lambda m, n: [r["curve"]["err_1"] for r in ann["runs"] if r["method"] == f"{m} k=20 cos{n // 1000}k"]  # noqa: E731
+    below = lambda m, n: 100 * (1 - sum(map(min, curves(m, n))) / sum(c[-1] for c in curves(m, n)))  # noqa: E731  same noises
+    b = [below("SPLAM best", n) for n in budgets[1:]]
+    assert f"lowest point is at {min(at)}-{max(at)}% of the budget from 20,000 on, {round(min(b))}-{round(max(b))}% below " \
+           "the end of its own curve (the same 1,000 noises)" in text
     lcm_at = [low["LCM k=20", n][1] for n in budgets]
-    assert f"LCM's is at {min(lcm_at)}-{max(lcm_at)}%" in text
+    assert f"LCM's is at {min(lcm_at)}-{max(lcm_at)}%, under 1% below its end" in text
+    assert max(below("LCM", n) for n in budgets) < 1 < min(b)
+    r = [ratio["SPLAM best k=20", n] for n in budgets]
+    assert (round(min(r), 1), round(max(r), 1)) == (2.0, 2.5) and "best stays at 2.0-2.5× LCM's error" in text
     # README: the NLL excess of the finding
     assert "By the 1-step samples' NLL excess under the true mixture (right panel) the order is the same: " \
            f"{ms('LCM', 80000, 'nll_1'):.2f} ± {sd('LCM', 80000, 'nll_1'):.2f} nats for LCM, " \
            f"{ms('SPLAM best', 80000, 'nll_1'):.2f} ± {sd('SPLAM best', 80000, 'nll_1'):.2f} for SPLAM with half of its γ's at 1, " \
            f"{ms('SPLAM paper', 80000, 'nll_1'):.1f} ± {sd('SPLAM paper', 80000, 'nll_1'):.1f} for the paper's SPLAM " \
-           f"(noise floor {ann['summary'][0]['nll_floor']['mean']:.3f})" in top
+           f"(noise floor {ann['summary'][0]['nll_floor']['mean']:.3f}; the dotted line is twice that)" in top
     assert ms("LCM", 80000, "nll_1") < ms("SPLAM best", 80000, "nll_1") < ms("SPLAM paper", 80000, "nll_1")

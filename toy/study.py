@@ -393,7 +393,7 @@ def anneal_study(a, settings):
             f"0-{st['seeds'] - 1}; budgets {' and '.join(f'{n:,}' for n in budgets)} iterations. {len(report['runs'])} runs, "
             f"{sum(r['wall_s'] for r in report['runs']) / 60:.0f} core-minutes (`{report['command']}`, 2 workers). "
             f"The floor of the 1-step error, a perfectly trained student's (the teacher's DDIM chain in steps of 20, "
-            f"the same for LCM and SPLAM): {report['summary'][0]['fixed_point_err']['mean']:.4f} ± "
+            f"the same for LCM and for SPLAM with a share of its γ's at 1): {report['summary'][0]['fixed_point_err']['mean']:.4f} ± "
             f"{report['summary'][0]['fixed_point_err']['std']:.4f}." + (f" Not run yet: {', '.join(missing)} (the same "
             f"command resumes them)." if missing else ""),
             "", report["doubling"], "", anneal_modes(report) or report["table"]]))
@@ -423,7 +423,7 @@ def plot_headline(report, path: Path):
     by = {}
     for r in report["runs"]:
         by.setdefault(r["method"].rsplit(" cos", 1)[0], {}).setdefault(r["curve"]["iter"][-1], []).append(r)
-    label = {"LCM k=20": "LCM", "SPLAM best k=20": "SPLAM ours (half of the γ's at 1)", "SPLAM paper k=20":
+    label = {"LCM k=20": "LCM", "SPLAM best k=20": "SPLAM best = ours (half of the γ's at 1)", "SPLAM paper k=20":
              "SPLAM paper (γ ~ U[0, 1])", "u-ablation half k=20": "u ablation, half at 1", "u-ablation k=20": "u ablation, no γ at 1"}
     budgets = sorted({n for d in by.values() for n in d})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
@@ -435,7 +435,8 @@ def plot_headline(report, path: Path):
                 continue
             vals = [torch.tensor([r[metric] for r in by[name][n]], dtype=torch.float64) for n in ns]
             ax.errorbar(ns, [v.mean().item() for v in vals], [v.std().item() if len(v) > 1 else 0 for v in vals],
-                        capsize=3, label=f"{label[name]} ({len(vals[0])} seeds)", **{"marker": "s", **palette.style(name)})
+                        capsize=3, label=f"{label[name]} ({len(vals[0])} seeds)",
+                        **{"marker": "s", **palette.style(name), **({"ls": "--"} if name == "u-ablation k=20" else {})})
         floor = ([report["runs"][0]["fixed_point_err"], "a perfectly trained student"] if metric == "err_1step" else
                  [2 * max((r["nll_floor"] for r in report["runs"] if "nll_floor" in r), default=0), "2 × the noise floor"])
         ax.axhline(floor[0], color="k", ls=":", label=floor[1])
