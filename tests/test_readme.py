@@ -138,13 +138,28 @@ def test_every_readme_command_runs_as_written(hub, tmp_path, monkeypatch, capsys
         exec(compile(code.replace('"cuda"', '"cpu"'), "README.md", "exec"), {})
 
 
+def md_rows(table: str) -> list:
+    """The body rows of a markdown table (the studies' JSON keep theirs as text), each as its stripped cells."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+
+
+def doubling_rows(report: dict) -> dict:
+    """An annealed study's doubling table by (method, budget): [2] the final error, [3] the ratio to LCM ("2.54×"),
+    [6] the curve's lowest point and where it was ("0.167 (67%)")."""
+    return {(c[0], int(c[1].replace(",", ""))): c for c in md_rows(report["doubling"])}
+
+
+def ahead(a: dict, b: dict) -> bool:
+    """a (a {"mean", "std"} over seeds) is ahead of b, lower by more than the two spreads together; else level."""
+    return b["mean"] - b["std"] - a["mean"] - a["std"] > 0
+
+
 def test_the_readme_finding_is_the_committed_study():
     """Each number and comparison of README's finding and results summary, against toy/results/*.json."""
     text = " ".join(README.read_text().split())
     rows = {}
     for name in ("study2d_anneal", "study2d"):
-        for line in json.loads((ROOT / "toy" / "results" / f"{name}.json").read_text())["table"].splitlines()[2:]:
-            cells = [c.strip() for c in line.strip("|").split("|")]
+        for cells in md_rows(json.loads((ROOT / "toy" / "results" / f"{name}.json").read_text())["table"]):
             rows.setdefault((name, cells[0], cells[2]), cells)                  # the 128-wide student's row
     lcm, best, paper = (rows["study2d_anneal", "exact", f"{m} k=20 cos80k"] for m in ("LCM", "SPLAM best", "SPLAM paper"))
     assert f"is {lcm[3]} for LCM, {paper[3]} for the paper's SPLAM" in text and f"{best[3]} for SPLAM with half" in text
@@ -156,16 +171,16 @@ def test_the_readme_finding_is_the_committed_study():
     assert (round(100 * min(closes.values())), round(100 * max(closes.values()))) == (87, 99)
     err = ablation_means()
     S = ablation_summary()
-    gap = lambda a, b: S[b]["err_1step"]["mean"] - S[a]["err_1step"]["mean"] - S[a]["err_1step"]["std"] - S[b]["err_1step"]["std"]  # noqa: E731
-    assert min(err, key=err.get) == "LCM k=100 ME" and gap("LCM k=100 ME", "u-ablation half k=100 ME") < 0   # level with u
+    lead = lambda a, b: ahead(S[a]["err_1step"], S[b]["err_1step"])  # noqa: E731
+    assert min(err, key=err.get) == "LCM k=100 ME" and not lead("LCM k=100 ME", "u-ablation half k=100 ME")   # level with u
     assert err["LCM k=100 noME"] > err["LCM k=20"] > err["LCM k=100 ME"]
     assert "the lowest mean error of the study (level with the u ablation), lower than at k = 20" in text
     assert "without multiple estimation k = 100 is indeed worse than k = 20" in text
-    ahead = [gap(f"DL{sh} {k}", f"SPLAM {'ours' if sh else 'paper'} {k}") > 0 for sh in ("", " half") for k in ("k=20", "k=100 ME")]
-    assert ahead == [True, True, True, False] and gap("SPLAM ours k=100 ME", "DL half k=100 ME") < 0     # 3 ahead, 1 level
+    dl = [lead(f"DL{sh} {k}", f"SPLAM {'ours' if sh else 'paper'} {k}") for sh in ("", " half") for k in ("k=20", "k=100 ME")]
+    assert dl == [True, True, True, False] and not lead("SPLAM ours k=100 ME", "DL half k=100 ME")     # 3 ahead, 1 level
     assert "is ahead of SPLAM's SL-ODE at three of four matched γ shares and k, level at the fourth" in text
-    doubling = json.loads((ROOT / "toy" / "results" / "study2d_anneal.json").read_text())["doubling"]
-    ratios = {m: [float(r.split("|")[4].strip(" ×")) for r in doubling.splitlines() if r.startswith(f"| {m} k=20 |")]
+    doubling = doubling_rows(json.loads((ROOT / "toy" / "results" / "study2d_anneal.json").read_text()))
+    ratios = {m: [float(c[3].rstrip("×")) for (name, _), c in doubling.items() if name == f"{m} k=20"]
               for m in ("SPLAM best", "SPLAM paper")}                          # the study's own vs-LCM column
     assert len(ratios["SPLAM best"]) == len(ratios["SPLAM paper"]) == 4
     assert "(2.0-2.5× lower than SPLAM with half of its γ's at 1, 20-27× lower than the paper's SPLAM)" in text
@@ -233,8 +248,8 @@ def test_the_toy_readme_ablation_reading_is_its_json():
     data = json.loads((ROOT / "toy" / "results" / "study2d_ablations.json").read_text())
     mu = lambda m, key="err_1step": S[m][key]["mean"]  # noqa: E731
     pm = lambda m, key="err_1step", d=3: f"{mu(m, key):.{d}f} ± {S[m][key]['std']:.{d}f}"  # noqa: E731
-    ahead = lambda a, b, key="err_1step": mu(a, key) + S[a][key]["std"] + S[b][key]["std"] < mu(b, key)  # noqa: E731
-    tie = lambda a, b, key="err_1step": not ahead(a, b, key) and not ahead(b, a, key)  # noqa: E731
+    lead = lambda a, b, key="err_1step": ahead(S[a][key], S[b][key])  # noqa: E731
+    tie = lambda a, b, key="err_1step": not lead(a, b, key) and not lead(b, a, key)  # noqa: E731
     # the runs are the main study's, re-run: within 1.1% per run
     main = json.loads((ROOT / "toy" / "results" / "study2d.json").read_text())
     old = {(r["method"].replace("SPLAM best", "SPLAM ours"), r["seed"]): r["err_1step"] for r in main["runs"]
@@ -243,8 +258,8 @@ def test_the_toy_readme_ablation_reading_is_its_json():
     assert len(rel) == 30 and max(rel) < 0.011 and "within 1.1% of the main study's" in text
     # LCM ahead at k = 20 (error and NLL at 1/2/4 steps); at k = 100 ME ahead by the error, a tie by the NLL
     for n in (1, 2, 4):
-        assert ahead("LCM k=20", "SPLAM ours k=20", f"nll_{n}") and tie("LCM k=100 ME", "SPLAM ours k=100 ME", f"nll_{n}")
-    assert ahead("LCM k=20", "SPLAM ours k=20") and ahead("LCM k=100 ME", "SPLAM ours k=100 ME")
+        assert lead("LCM k=20", "SPLAM ours k=20", f"nll_{n}") and tie("LCM k=100 ME", "SPLAM ours k=100 ME", f"nll_{n}")
+    assert lead("LCM k=20", "SPLAM ours k=20") and lead("LCM k=100 ME", "SPLAM ours k=100 ME")
     ratio = [mu("SPLAM ours k=20", f"nll_{n}") / mu("LCM k=20", f"nll_{n}") for n in (1, 2, 4)]
     assert "SPLAM ours is " + ", ".join(f"{r:.1f}×" for r in ratio[:2]) + f" and {ratio[2]:.1f}× LCM's at 1, 2 and 4" in text
     assert all(mu(f"SPLAM ours k=20", f"nll_{n}") > 20 * mu("LCM k=20", "nll_floor") for n in (1, 2, 4))
@@ -271,13 +286,13 @@ def test_the_toy_readme_ablation_reading_is_its_json():
     for a, b in (("SPLAM ours k=20", "SPLAM authors half k=20"), ("SPLAM ours k=100 ME", "SPLAM authors half k=100 ME"),
                  ("SPLAM paper k=100 ME", "SPLAM authors k=100 ME")):
         assert tie(a, b)
-    assert ahead("SPLAM paper k=20", "SPLAM authors k=20") and ahead("LCM k=20", "SPLAM paper k=20")
+    assert lead("SPLAM paper k=20", "SPLAM authors k=20") and lead("LCM k=20", "SPLAM paper k=20")
     # SL vs DL at matched shares
     for dl, sl in (("DL k=20", "SPLAM paper k=20"), ("DL k=100 ME", "SPLAM paper k=100 ME"), ("DL half k=20", "SPLAM ours k=20")):
-        assert ahead(dl, sl)
+        assert lead(dl, sl)
     assert tie("DL half k=100 ME", "SPLAM ours k=100 ME")
     assert "DL is ahead at three of four, level at the fourth" in text and "SL is nowhere ahead of DL" in text
-    assert not any(ahead(sl, dl) for dl, sl in (("DL k=20", "SPLAM paper k=20"), ("DL k=100 ME", "SPLAM paper k=100 ME"),
+    assert not any(lead(sl, dl) for dl, sl in (("DL k=20", "SPLAM paper k=20"), ("DL k=100 ME", "SPLAM paper k=100 ME"),
                                                  ("DL half k=20", "SPLAM ours k=20"), ("DL half k=100 ME", "SPLAM ours k=100 ME")))
     for k in ("k=20", "k=100 ME"):
         for share in ("", " half"):
@@ -408,9 +423,10 @@ def test_the_remaining_readings_are_their_json():
     assert round(100 * max(b / a - 1 for c in long for a, b in zip(c, c[1:]))) == 22 and "runs by up to 22%" in text
     # lr 3e-3: LCM's lowest point kept falling; LCM leads by 2.2-8x
     hot = json.loads((R / "study2d_anneal_lr0.003.json").read_text())
-    low = [float(r.split("|")[7].split("(")[0]) for r in hot["doubling"].splitlines() if r.startswith("| LCM k=20 |")]
+    hot_rows = doubling_rows(hot)
+    low = [float(c[6].split("(")[0]) for (name, _), c in hot_rows.items() if name == "LCM k=20"]
     assert low[0] > low[1] > low[2] and "kept falling: " + " → ".join(f"{v:.3f}" for v in low) in text
-    ratios = [float(r.split("|")[4].strip(" ×")) for r in hot["doubling"].splitlines() if r.startswith("| SPLAM best ")]
+    ratios = [float(c[3].rstrip("×")) for (name, _), c in hot_rows.items() if name.startswith("SPLAM best ")]
     assert round(min(ratios), 1) == 2.2 and round(max(ratios)) == 8 and "LCM leads SPLAM best by 2.2-8×" in text
     # the image toy: LCM leads at 1 step on every seed (FD-proxy and error); last-jump error below SPLAM's at >= 2 NFE
     rows = {r["nfe"]: r for r in json.loads((R / "image_toy_seeds.json").read_text())["rows"]}
@@ -442,7 +458,7 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     assert budgets == [10000, 20000, 40000, 80000]
     ms = lambda m, n, e="err_1step": S[f"{m} k=20 cos{n // 1000}k"][e]["mean"]  # noqa: E731
     sd = lambda m, n, e="err_1step": S[f"{m} k=20 cos{n // 1000}k"][e]["std"]  # noqa: E731
-    ahead = lambda a, b, n, e: ms(b, n, e) - sd(b, n, e) - ms(a, n, e) - sd(a, n, e) > 0  # noqa: E731  beyond spreads
+    lead = lambda a, b, n, e: ahead(*(S[f"{m} k=20 cos{n // 1000}k"][e] for m in (a, b)))  # noqa: E731
     change = {m: [round(100 * (ms(m, b) / ms(m, a) - 1)) for a, b in zip(budgets, budgets[1:])]
               for m in ("LCM", "SPLAM best", "SPLAM paper")}
     assert all(c <= -5 for cs in change.values() for c in cs)                            # none converged
@@ -450,8 +466,8 @@ def test_the_toy_readme_anneal_reading_is_its_json():
         assert f"{name} " + ", ".join(f"−{-c}%" for c in change[m]) in text
     assert (min(change["LCM"] + change["SPLAM best"]), max(change["LCM"] + change["SPLAM best"])) == (-40, -25)
     assert "by 25-40%" in text and f"LCM's {ms('LCM', 80000):.3f} is still {ms('LCM', 80000) / ann['runs'][0]['fixed_point_err']:.0f}× the floor" in text
-    assert all(ahead("LCM", m, n, "err_1step") for n in budgets for m in ("SPLAM best", "SPLAM paper"))
-    assert ahead("LCM", "SPLAM best", 10000, "err_1step") and ms("LCM", 10000) + sd("LCM", 10000) < ms("SPLAM best", 40000) - sd("SPLAM best", 40000)
+    assert all(lead("LCM", m, n, "err_1step") for n in budgets for m in ("SPLAM best", "SPLAM paper"))
+    assert lead("LCM", "SPLAM best", 10000, "err_1step") and ms("LCM", 10000) + sd("LCM", 10000) < ms("SPLAM best", 40000) - sd("SPLAM best", 40000)
     assert f"LCM at 10,000 iterations ({ms('LCM', 10000):.3f}) is already better than SPLAM best at 40,000 ({ms('SPLAM best', 40000):.3f})" in text
     assert ms("SPLAM best", 80000) - sd("SPLAM best", 80000) < ms("LCM", 20000) + sd("LCM", 20000)   # level
     assert f"at 20k, {ms('LCM', 20000):.3f} ± {sd('LCM', 20000):.3f}, is level with SPLAM best at 80k, " \
@@ -460,16 +476,15 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     assert 1 <= min(walls[10000]) and max(walls[10000]) <= 2.5 and 8 <= min(walls[80000]) and max(walls[80000]) <= 12.5
     assert f"({len(ann['runs'])} runs, {sum(r['wall_s'] for r in ann['runs']) / 60:.0f} core-minutes; a run of 10,000 " \
            "iterations took 1-2.5 min, one of 80,000 took 8-12.5 min)" in text
-    rows = [r.split("|") for r in ann["doubling"].splitlines() if r.startswith("| SPLAM ")]
-    ratio = {(r[1].strip(), int(r[2].replace(",", ""))): float(r[4].strip(" ×")) for r in rows}
+    rows = doubling_rows(ann)
+    ratio = {key: float(c[3].rstrip("×")) for key, c in rows.items()}
     assert "2.54× LCM's error (10k) to 2.47× (20k), 1.98× (40k) and 2.04× (80k)" in text
     assert [ratio["SPLAM best k=20", n] for n in budgets] == [2.54, 2.47, 1.98, 2.04]
     assert [round(ratio["SPLAM paper k=20", n]) for n in budgets] == [27, 25, 20, 23]
     assert f"23× at 80k ({S['SPLAM paper k=20 cos80k']['err_1step']['mean']:.3f} ± {sd('SPLAM paper', 80000):.3f}, −19%)" in text
     paper = [r for r in ann["runs"] if r["method"] == "SPLAM paper k=20 cos80k"]
-    start = [r["curve"]["err_1"][0] for r in paper]
     fell = [100 * (1 - r["curve"]["err_1"][-1] / r["curve"]["err_1"][0]) for r in paper]   # on the curve's own noises
-    assert len(paper) == len(start) == 3 and min(fell) > 0 and \
+    assert len(paper) == 3 and min(fell) > 0 and \
         f"seed by seed only {round(min(fell))}-{round(max(fell))}% below where it started before distillation" in text
     # the mode metric: NLL ratios, LCM ahead beyond the spreads except at 80k and 4 steps, splits at the floor
     nll1 = [ms("SPLAM best", n, "nll_1") / ms("LCM", n, "nll_1") for n in budgets]
@@ -478,7 +493,7 @@ def test_the_toy_readme_anneal_reading_is_its_json():
            f"{ms('SPLAM best', 10000, 'nll_1'):.2f} → {ms('SPLAM best', 80000, 'nll_1'):.2f}" in text
     nll4 = [ms("SPLAM best", n, "nll_4") / ms("LCM", n, "nll_4") for n in budgets]
     assert f"falls from {nll4[0]:.1f}× to {nll4[-1]:.1f}×" in text and nll4 == sorted(nll4, reverse=True)
-    level = [(n, s) for n in budgets for s in (1, 2, 4) if not ahead("LCM", "SPLAM best", n, f"nll_{s}")]
+    level = [(n, s) for n in budgets for s in (1, 2, 4) if not lead("LCM", "SPLAM best", n, f"nll_{s}")]
     assert level == [(80000, 4)] and all(ms("LCM", n, f"nll_{s}") < ms("SPLAM best", n, f"nll_{s}")
                                          for n in budgets for s in (1, 2, 4))
     assert f"({ms('LCM', 80000, 'nll_4'):.3f} ± {sd('LCM', 80000, 'nll_4'):.3f} and " \
@@ -500,21 +515,18 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     half = [round(100 * closes("SPLAM best", "u-ablation half", n)) for n in (10000, 20000)]
     zero = [round(100 * closes("SPLAM paper", "u-ablation", n)) for n in (10000, 20000)]
     assert f"closes {half[0]}% (10k) and {half[1]}% (20k)" in text and f"and {zero[0]}% and {zero[1]}% of the gap" in text
-    assert ahead("LCM", "u-ablation half", 20000, "err_1step") and \
+    assert lead("LCM", "u-ablation half", 20000, "err_1step") and \
         f"20k: {ms('LCM', 20000):.3f} ± {sd('LCM', 20000):.3f} against {ms('u-ablation half', 20000):.3f} ± " \
         f"{sd('u-ablation half', 20000):.3f}" in text
     # SPLAM best's curves bottom out before the end from 20k on; LCM's late
-    low = {(r[1].strip(), int(r[2].replace(",", ""))): (float(r[7].split("(")[0]), int(r[7].split("(")[1].strip("%) ")))
-           for r in (x.split("|") for x in ann["doubling"].splitlines() if x.startswith("| "))
-           if r[2].strip().replace(",", "").isdigit()}
-    best = [(low["SPLAM best k=20", n], ms("SPLAM best", n)) for n in budgets[1:]]
-    at = [b[0][1] for b in best]
+    at_share = lambda m, n: int(rows[m, n][6].split("(")[1].strip("%)"))  # noqa: E731  where the curve's lowest point was
+    at = [at_share("SPLAM best k=20", n) for n in budgets[1:]]
     curves = lambda m, n: [r["curve"]["err_1"] for r in ann["runs"] if r["method"] == f"{m} k=20 cos{n // 1000}k"]  # noqa: E731
     below = lambda m, n: 100 * (1 - sum(map(min, curves(m, n))) / sum(c[-1] for c in curves(m, n)))  # noqa: E731  same noises
     b = [below("SPLAM best", n) for n in budgets[1:]]
     assert f"lowest point is at {min(at)}-{max(at)}% of the budget from 20,000 on, {round(min(b))}-{round(max(b))}% below " \
            "the end of its own curve (the same 1,000 noises)" in text
-    lcm_at = [low["LCM k=20", n][1] for n in budgets]
+    lcm_at = [at_share("LCM k=20", n) for n in budgets]
     assert f"LCM's is at {min(lcm_at)}-{max(lcm_at)}%, under 1% below its end" in text
     assert max(below("LCM", n) for n in budgets) < 1 < min(b)
     r = [ratio["SPLAM best k=20", n] for n in budgets]

@@ -435,18 +435,18 @@ def plot_headline(report, path: Path):
                 continue
             vals = [torch.tensor([r[metric] for r in by[name][n]], dtype=torch.float64) for n in ns]
             ax.errorbar(ns, [v.mean().item() for v in vals], [v.std().item() if len(v) > 1 else 0 for v in vals],
-                        capsize=3, label=f"{label[name]} ({len(vals[0])} seeds)",
-                        **{"marker": "s", **palette.style(name), **({"ls": "--"} if name == "u-ablation k=20" else {})})
+                        capsize=3, label=f"{label[name]} ({len(vals[0])} seeds)", **{"marker": "s", **palette.style(name)})
         floor = ([report["runs"][0]["fixed_point_err"], "a perfectly trained student"] if metric == "err_1step" else
                  [2 * max((r["nll_floor"] for r in report["runs"] if "nll_floor" in r), default=0), "2 × the noise floor"])
-        ax.axhline(floor[0], color="k", ls=":", label=floor[1])
+        floor_line = ax.axhline(floor[0], color="k", ls=":", label=floor[1])
+        if ax is axes[0]:                                       # the left panel's own floor, off the data
+            ax.legend(handles=[floor_line], loc="lower left", bbox_to_anchor=(0, 0.06))
         ax.set(xscale="log", yscale="log", xlabel="training budget (iterations; lr cosine-annealed to 0 over it)",
                ylabel=ylabel)
         ax.set_xticks(budgets, [f"{n // 1000}k" if n >= 1000 else str(n) for n in budgets])
         ax.minorticks_off()
     axes[0].set_title("2D toy, k = 20, exact teacher: the 1-step error")
     axes[1].set_title("the same runs: 1-step samples' NLL excess")
-    axes[0].legend(handles=[axes[0].lines[-1]], loc="lower left", bbox_to_anchor=(0, 0.06))  # the left panel's own floor
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
