@@ -465,6 +465,10 @@ def test_the_toy_readme_anneal_reading_is_its_json():
     for m, name in (("LCM", "LCM"), ("SPLAM best", "SPLAM best"), ("SPLAM paper", "the paper's SPLAM")):
         assert f"{name} " + ", ".join(f"−{-c}%" for c in change[m]) in text
     assert (min(change["LCM"] + change["SPLAM best"]), max(change["LCM"] + change["SPLAM best"])) == (-40, -25)
+    last = int(min(100 * (1 - ms(m, 80000) / ms(m, 40000)) for m in change))   # README: the last doubling, floored
+    assert last >= 18 and f"the last doubling of the budget still lowered each one's error by {last}% or more" in top
+    flags = [r["converged"] for r in ann["runs"]]
+    assert f"it is true for {sum(flags)} of the {len(flags)} annealed runs" in top and 0 < sum(flags) < len(flags)
     assert "by 25-40%" in text and f"LCM's {ms('LCM', 80000):.3f} is still {ms('LCM', 80000) / ann['runs'][0]['fixed_point_err']:.0f}× the floor" in text
     assert all(lead("LCM", m, n, "err_1step") for n in budgets for m in ("SPLAM best", "SPLAM paper"))
     assert lead("LCM", "SPLAM best", 10000, "err_1step") and ms("LCM", 10000) + sd("LCM", 10000) < ms("SPLAM best", 40000) - sd("SPLAM best", 40000)
